@@ -1,0 +1,280 @@
+"""Data mollification coupled with label smoothing (METHOD.md §1), on batched tensors.
+
+Schedules map a time t in [0, 1] to noise coefficients, a blur width and a label-smoothing
+weight. `heat_blur` solves the heat equation in the DCT domain. `Mollifier` draws a role and a
+time per sample and applies all of it on the device with no host syncs and no data-dependent
+branches: every sample runs through the same ops with its own coefficients, so a batch costs the
+same whatever its roles and the module compiles to one graph.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor, nn
+
+from raymoll.config import Config, ConfigError, MollifyConfig, validate
+
+__all__ = ["MollifyConfig", "Mollifier", "heat_blur", "blur_sigma", "noise_coefficients",
+           "noise_smoothing", "blur_smoothing", "sample_beta"]
+
+CLEAN, NOISE, BLUR, BOTH = 0, 1, 2, 3  # roles; BOTH = blur, then noise
+NOISE_SCHEDULES = ("cosine", "linear", "power")
+BLUR_SCHEDULES = ("loglinear", "linear")
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: t (N,) float in [0, 1] -> coefficients (N,)
+
+
+def noise_coefficients(t: Tensor, schedule: str = "cosine",
+                       shape: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(alpha_t, sigma_t) of x_t = alpha_t x + sigma_t eps; all variance preserving.
+
+    cosine (paper): alpha = cos(pi t / 2), sigma = sin(pi t / 2); linear: sigma^2 = t;
+    power: sigma = sin(pi/2 t^shape), which is cosine at shape = 1.
+    """
+    _check_choice("noise schedule", schedule, NOISE_SCHEDULES)
+    if schedule == "linear":
+        return torch.sqrt(1 - t), torch.sqrt(t)
+    angle = (math.pi / 2) * (t if schedule == "cosine" else t ** shape)
+    return torch.cos(angle), torch.sin(angle)
+
+
+def blur_sigma(t: Tensor, sigma_min: float = 0.3, sigma_max: float = 32.0,
+               schedule: str = "loglinear") -> Tensor:
+    """Blur width sigma_B(t) in pixels; loglinear (paper) interpolates log sigma linearly."""
+    _check_choice("blur schedule", schedule, BLUR_SCHEDULES)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"blur widths must satisfy 0 < sigma_min < sigma_max, got "
+                         f"sigma_min={sigma_min}, sigma_max={sigma_max}.")
+    if schedule == "linear":
+        return sigma_min + t * (sigma_max - sigma_min)
+    return torch.exp((1 - t) * math.log(sigma_min) + t * math.log(sigma_max))
+
+
+def noise_smoothing(t: Tensor, power: float = 1.0, schedule: str = "cosine",
+                    shape: float = 1.0) -> Tensor:
+    """Label-smoothing weight of a noised sample: (1 + SNR)^-power = sigma_t^(2 power)."""
+    _, sigma = noise_coefficients(t, schedule, shape)
+    return sigma ** (2 * power)
+
+
+def blur_smoothing(t: Tensor, power: float = 1.0) -> Tensor:
+    """Label-smoothing weight of a blurred sample: t^power."""
+    return t ** power
+
+
+# ---------------------------------------------------------------------------------------------
+# Heat blur in the DCT domain
+
+
+def _dct_basis(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Orthonormal DCT-II matrix D (n, n), X = D x D^T, and the heat eigenvalues Lambda (n, n)."""
+    k = torch.arange(n, device=device, dtype=torch.float64)
+    dct = torch.cos(math.pi * (k[None, :] + 0.5) * k[:, None] / n) * math.sqrt(2 / n)
+    dct[0] /= math.sqrt(2)
+    freq = (math.pi * k / n) ** 2
+    return dct.to(dtype), (freq[:, None] + freq[None, :]).to(dtype)
+
+
+_cached_dct_basis = functools.cache(_dct_basis)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; half precisions are promoted to float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_images(x: Tensor) -> None:
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"expected float images of shape (N, C, H, W), got a {x.dtype} tensor "
+                         f"of shape {tuple(x.shape)}; convert uint8 images to float and "
+                         "normalise them first.")
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"the DCT heat blur needs square images (H == W), got H={x.shape[-2]}, "
+                         f"W={x.shape[-1]}; crop or resize them to a square first.")
+
+
+def _blur(x: Tensor, tau: Tensor, dct: Tensor, eigenvalues: Tensor) -> Tensor:
+    """heat_blur given the basis; samples with tau == 0 come back bit for bit."""
+    # Autocast would run the matmuls in bf16, whose rounding error is larger than the blur at
+    # small tau; the basis already has the compute dtype.
+    with torch.autocast(x.device.type, enabled=False):
+        z = x.to(dct.dtype)
+        freqs = dct @ z @ dct.T
+        decay = torch.exp(-eigenvalues * tau.to(dct.dtype)[:, None, None, None])
+        blurred = (dct.T @ (decay * freqs) @ dct).to(x.dtype)
+    return torch.where(tau[:, None, None, None] > 0, blurred, x)
+
+
+def heat_blur(x: Tensor, tau: Tensor) -> Tensor:
+    """Heat-equation blur: IDCT(exp(-Lambda tau) * DCT(x)) per channel (METHOD.md §1.4).
+
+    x: (N, C, H, W) float with H == W; tau: (N,) >= 0, the diffusion time (sigma_B^2 / 2, in
+    pixels^2). Returns x's shape and dtype; each channel keeps its mean; tau == 0 returns x.
+    Runs in float32 (float64 for float64 input) even under autocast.
+    """
+    _check_images(x)
+    if tau.shape != x.shape[:1]:
+        raise ValueError(f"tau must have shape (N,) = ({x.shape[0]},), got {tuple(tau.shape)}.")
+    dct, eigenvalues = _cached_dct_basis(x.shape[-1], x.device, _compute_dtype(x.dtype))
+    return _blur(x, tau, dct, eigenvalues)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sync-free Beta sampling with a torch.Generator
+
+# Marsaglia-Tsang rejects at most 4.9% of candidates (at shape 1; fewer above), so with 16
+# candidates per draw all are rejected with probability < 0.049^16 < 1e-20 per sample.
+_GAMMA_CANDIDATES = 16
+
+
+def _log_gamma(shape: float, n: int, generator: torch.Generator | None,
+               device: torch.device) -> Tensor:
+    """log of n draws from Gamma(shape, 1), float32 (n,), drawn without host syncs.
+
+    Marsaglia & Tsang (2000) at shape + 1 >= 1, boosted to `shape` by G_a = G_{a+1} U^(1/a)
+    (their §6), in log space so small shapes do not underflow. Rejection sampling has a random
+    number of rounds; a fixed number of candidates, the first accepted one kept, keeps shapes
+    static. Should all be rejected (see _GAMMA_CANDIDATES) candidate 0 is kept regardless.
+    """
+    d = shape + 1 - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    size = (n, _GAMMA_CANDIDATES)
+    z = torch.randn(size, generator=generator, device=device)
+    log_u = torch.log1p(-torch.rand(size, generator=generator, device=device))  # u in (0, 1]
+    log_v = 3 * torch.log((1 + c * z).clamp_min(1e-30))  # v = (1 + c z)^3 > 0 when accepted
+    accepted = (1 + c * z > 0) & (log_u < 0.5 * z**2 + d - d * log_v.exp() + d * log_v)
+    first = accepted.to(torch.float32).argmax(dim=1, keepdim=True)
+    log_boost = torch.log1p(-torch.rand(n, generator=generator, device=device)) / shape
+    return math.log(d) + log_v.gather(1, first).squeeze(1) + log_boost
+
+
+def sample_beta(a: float, b: float, n: int, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> Tensor:
+    """n draws from Beta(a, b), float32 (n,) in [0, 1], reproducible given `generator`."""
+    if not (a > 0 and b > 0):
+        raise ValueError(f"Beta parameters must be positive, got a={a}, b={b}.")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    log_ga = _log_gamma(a, n, generator, device)
+    log_gb = _log_gamma(b, n, generator, device)
+    return torch.sigmoid(log_ga - log_gb)  # G_a / (G_a + G_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mollifier
+
+
+def _soft_labels(y: Tensor, n: int, num_classes: int) -> Tensor:
+    """Integer labels (N,) or soft labels (N, K) -> float32 (N, K)."""
+    if y.is_floating_point() and y.shape == (n, num_classes):
+        return y.to(torch.float32)
+    if not y.is_floating_point() and y.shape == (n,):
+        # A comparison, not F.one_hot: one_hot checks the label range on the host (a sync).
+        return (y[:, None] == torch.arange(num_classes, device=y.device)).to(torch.float32)
+    raise ValueError(f"labels must be integer classes of shape ({n},) or soft labels of shape "
+                     f"({n}, {num_classes}) in a float dtype, got a {y.dtype} tensor of shape "
+                     f"{tuple(y.shape)}.")
+
+
+class Mollifier(nn.Module):
+    """Mollifies a training batch and smooths its labels to match (METHOD.md §1).
+
+    Each sample gets a role, 0 clean, 1 noise, 2 blur or 3 both (blur then noise), with
+    probabilities (p_clean, p_noise, p_blur, p_both), and a time t ~ Beta(t_alpha, t_beta)
+    (t = 0 when clean). Labels become y_t = (1 - gamma) y + gamma / K, with gamma = gamma_n for
+    noise, gamma_b for blur and 1 - (1 - gamma_b)(1 - gamma_n) for both.
+    """
+
+    def __init__(self, cfg: MollifyConfig, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        validate(Config(mollify=cfg))  # ranges and probabilities summing to 1, as ConfigError
+        if image_size < 1 or num_classes < 2:
+            raise ValueError(f"Mollifier needs image_size >= 1 and num_classes >= 2, got "
+                             f"image_size={image_size}, num_classes={num_classes}.")
+        self.cfg = cfg
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.sigma_max = cfg.sigma_max or float(image_size)
+        if cfg.sigma_min >= self.sigma_max:
+            raise ConfigError(f"config key 'mollify.sigma_min' = {cfg.sigma_min!r} must be "
+                              f"smaller than sigma_max = {self.sigma_max!r} (mollify.sigma_max, "
+                              f"or the image width {image_size} when it is 0).")
+        probs = [cfg.p_clean, cfg.p_noise, cfg.p_blur, cfg.p_both]
+        # Role boundaries in [0, 1]: a uniform u falls in role r when it passes r boundaries.
+        # Dividing by the same running sum makes the last boundary exactly 1, so a zero p_both
+        # is never drawn through rounding.
+        cumulative = [sum(probs[:i + 1]) / sum(probs) for i in range(3)]
+        dct, eigenvalues = _dct_basis(image_size, torch.device("cpu"), torch.float32)
+        # Derived constants, not state: non-persistent buffers follow .to(device) and stay out
+        # of checkpoints.
+        self.register_buffer("role_bounds", torch.tensor(cumulative), persistent=False)
+        self.register_buffer("dct", dct, persistent=False)
+        self.register_buffer("eigenvalues", eigenvalues, persistent=False)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"enabled={c.enabled}, roles(clean, noise, blur, both)=({c.p_clean:.3g}, "
+                f"{c.p_noise:.3g}, {c.p_blur:.3g}, {c.p_both:.3g}), "
+                f"t~Beta({c.t_alpha:g}, {c.t_beta:g}), image_size={self.image_size}")
+
+    def sample(self, n: int, device: torch.device | str,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Roles int64 (n,) and times float32 (n,), t = 0 for clean samples; returns (t, role)."""
+        u = torch.rand(n, generator=generator, device=device)
+        role = (u[:, None] >= self.role_bounds.to(device)).sum(dim=1)
+        t = sample_beta(self.cfg.t_alpha, self.cfg.t_beta, n, generator, device)
+        return torch.where(role == CLEAN, 0.0, t), role
+
+    def apply(self, x: Tensor, y: Tensor, t: Tensor, role: Tensor,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Mollify x (N, C, S, S) float and smooth y (N,) int or (N, K) soft, given t and role.
+
+        t (N,) in [0, 1] and role (N,) int are not range-checked (that would sync the host).
+        Returns x_t, x's shape and dtype, and y_t float32 (N, K) with rows summing to 1.
+        """
+        self._check_batch(x)
+        n = x.shape[0]
+        y = _soft_labels(y, n, self.num_classes)
+        if t.shape != (n,) or role.shape != (n,):
+            raise ValueError(f"t and role must have shape ({n},), got {tuple(t.shape)} and "
+                             f"{tuple(role.shape)}.")
+        c = self.cfg
+        noised = (role == NOISE) | (role == BOTH)
+        blurred = (role == BLUR) | (role == BOTH)
+        # Every sample runs every op; the roles only pick coefficients that make an op a no-op.
+        tau = torch.where(blurred, blur_sigma(t, c.sigma_min, self.sigma_max,
+                                              c.blur_schedule) ** 2 / 2, 0.0)
+        alpha, sigma = noise_coefficients(t, c.noise_schedule, c.noise_shape)
+        alpha = torch.where(noised, alpha, 1.0)[:, None, None, None].to(x.dtype)
+        sigma = torch.where(noised, sigma, 0.0)[:, None, None, None].to(x.dtype)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_t = alpha * _blur(x, tau, self.dct, self.eigenvalues) + sigma * eps
+
+        gamma_n = torch.where(noised, noise_smoothing(t, c.noise_smoothing_power,
+                                                      c.noise_schedule, c.noise_shape), 0.0)
+        gamma_b = torch.where(blurred, blur_smoothing(t, c.blur_smoothing_power), 0.0)
+        gamma = (1 - (1 - gamma_b) * (1 - gamma_n))[:, None]
+        return x_t, (1 - gamma) * y + gamma / self.num_classes
+
+    def forward(self, x: Tensor, y: Tensor,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draw roles and times, then `apply`; when disabled returns x and y as (N, K) float32."""
+        if not self.cfg.enabled:
+            self._check_batch(x)
+            return x, _soft_labels(y, x.shape[0], self.num_classes)
+        t, role = self.sample(x.shape[0], x.device, generator)
+        return self.apply(x, y, t, role, generator)
+
+    def _check_batch(self, x: Tensor) -> None:
+        _check_images(x)
+        if x.shape[-1] != self.image_size:
+            raise ValueError(f"this Mollifier was built for {self.image_size} x "
+                             f"{self.image_size} images, got {x.shape[-2]} x {x.shape[-1]}.")
