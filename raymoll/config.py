@@ -51,7 +51,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = _field("smallcnn", "architecture from the registry",
-                       choices=("smallcnn", "preactresnet18", "preactresnet50", "wrn40_2"))
+                       choices=("smallcnn", "preactresnet18", "preactresnet50", "wrn40_2",
+                                "resnet50"))
     width: int = _field(32, "base channel width of smallcnn (other models ignore it)", low=4)
     channels_last: bool = _field(True, "use channels_last memory format on CUDA")
 
@@ -259,11 +260,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        data = _read_yaml(path)
     return from_dict(apply_overrides(data, list(overrides)))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Nested dict update: `top` wins, sections merge."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """Read a YAML config; `extends: other.yaml` (relative to it) is read first and merged
+    under it, so a variant states only what differs from its base."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {str(path)!r} extends itself through {seen}.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections.")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"config file {str(path)!r} extends {base!r}, which does not exist.")
+    return _merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
 
 
 def help_text(cls: type = Config, prefix: str = "") -> list[str]:

@@ -1,9 +1,11 @@
-"""Image classifiers by name: PreActResNet-18/50, WRN-40-2 and a small CNN for CPU runs.
+"""Image classifiers by name: PreActResNet-18/50, WRN-40-2, a small CNN for CPU runs, and
+torchvision's ImageNet ResNet-50.
 
 Every model maps float images (N, C, H, W) to logits (N, num_classes). The ResNets use the
 CIFAR stem (3x3 conv, stride 1, no max-pool) and global average pooling, so 32 px and 64 px
 inputs both work. WRN-40-2 is a pre-activation ResNet too (Zagoruyko & Komodakis 2016), so all
-three share `PreActBlock` and `PreActResNet`.
+three share `PreActBlock` and `PreActResNet`. "resnet50" is torchvision's (ImageNet stem:
+7x7 stride-2 conv and max-pool), for images of 128 px and more.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 import torch.nn.functional as F
+import torchvision
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
@@ -106,6 +109,13 @@ def _init_weights(model: nn.Module) -> nn.Module:
     return model
 
 
+def _imagenet_resnet50(num_classes: int, in_channels: int) -> nn.Module:
+    model = torchvision.models.resnet50(num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return model
+
+
 _BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "smallcnn": lambda k, c, w: SmallCNN(k, c, w),
     "preactresnet18": lambda k, c, w: PreActResNet(64, (64, 128, 256, 512), (2, 2, 2, 2),
@@ -114,6 +124,7 @@ _BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
                                                    True, k, c),
     # WRN-40-2: (40 - 4) / 6 = 6 basic blocks per stage, widths 16 * 2, 32 * 2, 64 * 2; no dropout.
     "wrn40_2": lambda k, c, w: PreActResNet(16, (32, 64, 128), (6, 6, 6), False, k, c),
+    "resnet50": lambda k, c, w: _imagenet_resnet50(k, c),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 

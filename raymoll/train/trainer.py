@@ -1,0 +1,71 @@
+"""The TorchTrainer around the per-worker loop, and `fit` for `raymoll train`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from raymoll.config import Config, to_dict
+from raymoll.train.loop import train_loop_per_worker
+
+SCORE = "clean_accuracy"  # what "best checkpoint" means
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its outputs."""
+    path: str                      # the run folder (metrics in progress.csv / result.json)
+    last_checkpoint: str | None
+    best_checkpoint: str | None
+    metrics: dict[str, Any]        # the last reported metrics
+
+
+def storage_path(path: str) -> str:
+    """Ray wants an absolute local path (or a URI such as s3://bucket/prefix)."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer for `cfg`: workers, failure handling and checkpoints from `cfg.run`."""
+    worker = {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers,
+                                               use_gpu=cfg.run.use_gpu,
+                                               resources_per_worker=worker),
+        run_config=ray.train.RunConfig(
+            name=name or cfg.run.name,
+            storage_path=storage_path(cfg.run.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
+                                                         checkpoint_score_attribute=SCORE,
+                                                         checkpoint_score_order="max"),
+            callbacks=callbacks or []),
+    )
+
+
+def fit(cfg: Config) -> TrainResult:
+    """Run training to the end (Ray must be initialised); returns where things are."""
+    result = build_trainer(cfg).fit()
+    best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(SCORE, float("-inf")),
+               default=(None, None))[0]
+    return TrainResult(path=result.path,
+                       last_checkpoint=result.checkpoint.path if result.checkpoint else None,
+                       best_checkpoint=best.path if best else None,
+                       metrics=dict(result.metrics or {}))
+
+
+def summary(result: TrainResult) -> str:
+    """The closing lines `raymoll train` prints."""
+    m = result.metrics
+    lines = [f"run folder:       {result.path}",
+             f"last checkpoint:  {result.last_checkpoint}",
+             f"best checkpoint:  {result.best_checkpoint}  (by {SCORE})"]
+    if m:
+        lines.append(f"final epoch {m.get('epoch')}: clean acc {m.get('clean_accuracy', 0):.2%}, "
+                     f"clean ECE {m.get('clean_ece', 0):.4f}, val acc {m.get('val_accuracy', 0):.2%}")
+    return "\n".join(lines)
