@@ -155,6 +155,12 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the field type `tp`; ints are accepted where floats are."""
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; accept what float() reads as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) == (tp is bool):  # bool is an int subclass: keep them apart
         if tp is float and isinstance(value, int):
             return float(value)
