@@ -1,0 +1,8 @@
+"""Datasets to FFCV .beton files, the FFCV loader for one DDP rank, and batch augmentation."""
+from .augment import AUGMENTS, BatchAugment, batch_mix, flip_crop_rotate
+from .loader import load_split, make_loader, normalizer
+from .prepare import prepare, read_meta
+from .sources import DATASETS, DataError, load_source
+
+__all__ = ["AUGMENTS", "BatchAugment", "DATASETS", "DataError", "batch_mix", "flip_crop_rotate",
+           "load_source", "load_split", "make_loader", "normalizer", "prepare", "read_meta"]

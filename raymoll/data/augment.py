@@ -1,0 +1,88 @@
+"""Per-sample batch augmentation on the batch's device, and MixUp/CutMix.
+
+"fcr" (the paper's base: flip, crop with 4-px zero padding, rotation up to 15 degrees) is one
+batched affine warp: fully vectorised, works on uint8 or float. The torchvision policies draw
+one op per call, so they are applied image by image (a Python loop: about 0.1-0.3 ms per 32x32
+image on a CPU core, tens of kernel launches per image on a GPU); they need uint8 images, i.e.
+run them before the normalisation (make_loader(augment=...) does).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2
+
+AUGMENTS = ("none", "fcr", "trivialaugment", "randaugment", "autoaugment", "augmix")
+_POLICIES = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment,
+             "autoaugment": v2.AutoAugment, "augmix": v2.AugMix}
+
+
+def flip_crop_rotate(x: torch.Tensor, pad: int = 4, max_degrees: float = 15.0) -> torch.Tensor:
+    """Per sample: horizontal flip (p=0.5), shift by up to `pad` px per axis (the random crop of
+    a zero-padded image), rotation by U(-max_degrees, max_degrees) about the centre.
+
+    x: (N,C,H,W) uint8 or float on any device; returns the same shape, dtype and device.
+    The three are composed into one 2x3 matrix per sample and sampled once (nearest, zeros
+    outside), so shifts and flips copy pixels exactly; unlike three sequential warps, corners
+    that a rotation brings in come from the image where it has pixels there.
+    """
+    n, _, h, w = x.shape
+    flip = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0)
+    shift = torch.randint(-pad, pad + 1, (n, 2), device=x.device).float()
+    angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(max_degrees)
+    cos, sin = angle.cos(), angle.sin()
+    # Output pixel u (from the centre) reads input pixel Flip @ Rot @ u + shift; affine_grid
+    # wants that map in coordinates normalised by the half-sizes, hence the h/w factors.
+    theta = torch.stack([torch.stack([flip * cos, -flip * sin * h / w, 2 * shift[:, 0] / w], 1),
+                         torch.stack([sin * w / h, cos, 2 * shift[:, 1] / h], 1)], 1)
+    grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
+    source = x if x.is_floating_point() else x.float()
+    out = F.grid_sample(source, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.to(x.dtype)
+
+
+class BatchAugment(nn.Module):
+    """Random augmentation drawn independently for every image of a batch.
+
+    name: one of AUGMENTS (DataConfig.augment). Input (N,3,H,W) on any device; output has the
+    same shape, dtype and device. fcr takes uint8 or float; the torchvision policies uint8.
+    """
+
+    def __init__(self, name: str):
+        super().__init__()
+        if name not in AUGMENTS:
+            raise ValueError(f"unknown augmentation {name!r}: choose one of "
+                             f"{', '.join(AUGMENTS)}.")
+        self.name = name
+        self.policy = _POLICIES[name]() if name in _POLICIES else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.name == "none":
+            return x
+        if self.name == "fcr":
+            return flip_crop_rotate(x)
+        if x.dtype != torch.uint8:
+            raise ValueError(f"augmentation {self.name!r} needs uint8 images, got {x.dtype}: "
+                             f"apply it before the normalisation.")
+        return torch.stack([self.policy(image) for image in x])
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def batch_mix(num_classes: int, mixup_alpha: float = 0.0,
+              cutmix_alpha: float = 0.0) -> Callable | None:
+    """MixUp and/or CutMix (one picked per batch when both are set), or None when both are 0.
+
+    The callable maps (images float (N,C,H,W), labels int64 (N,)) to (images, soft labels
+    float (N,K)); as torchvision defines them, one Beta(alpha, alpha) lambda per batch.
+    """
+    mixes = [mix(alpha=alpha, num_classes=num_classes)
+             for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
