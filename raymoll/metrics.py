@@ -143,6 +143,15 @@ class MetricAccumulator:
             dist.all_reduce(self._state)
         return self
 
+    def bins(self) -> dict[str, torch.Tensor]:
+        """The reliability diagram: float64 (n_bins,) tensors "count" (samples per confidence
+        bin), "confidence" (their mean top-label confidence) and "accuracy" (their fraction
+        correct); confidence and accuracy are NaN in empty bins."""
+        count, confidence, correct = self._state[:3 * self.n_bins].view(3, self.n_bins).cpu()
+        # 0 / 0 = NaN marks an empty bin, which a plot skips and a mean must not count as 0.
+        return {"count": count.clone(), "confidence": confidence / count,
+                "accuracy": correct / count}
+
     def compute(self) -> dict[str, float]:
         """{"accuracy", "nll", "ece", "brier": float, "n": int} over every sample seen."""
         per_bin = self._state[:3 * self.n_bins].view(3, self.n_bins)

@@ -104,6 +104,23 @@ def test_merged_halves_equal_the_whole():
     assert merged.compute() == pytest.approx(whole.compute(), rel=1e-9)
 
 
+def test_bins_are_the_reliability_diagram_of_the_definition():
+    logits, labels = random_logits(400)
+    acc = MetricAccumulator(n_bins=10)
+    acc.update(logits, labels)
+    bins = acc.bins()
+    probs = logits.softmax(1)
+    confidence, correct = probs.max(1).values.tolist(), (probs.argmax(1) == labels).tolist()
+    for b in range(10):
+        members = [(c, ok) for c, ok in zip(confidence, correct) if b / 10 < c <= (b + 1) / 10]
+        assert bins["count"][b] == len(members)
+        if members:
+            assert bins["confidence"][b] == pytest.approx(sum(c for c, _ in members) / len(members))
+            assert bins["accuracy"][b] == pytest.approx(sum(ok for _, ok in members) / len(members))
+        else:
+            assert bins["confidence"][b].isnan() and bins["accuracy"][b].isnan()
+
+
 def _all_reduce_worker(rank, path, logits, labels):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     acc = MetricAccumulator()
