@@ -1,0 +1,259 @@
+"""`raymoll report`: plots and a Markdown summary from one or more results tables.
+
+"Corrupted" means the mean over the 15 test corruptions at every severity in the table (75 sets
+for severities 1-5); the 4 validation corruptions are reported apart, as their own family,
+because searches select on them. Reliability diagrams at a severity pool the 15 test corruptions'
+bins (their ECE is that of the pooled set, not a mean of per-set ECEs).
+
+Figures are drawn on `matplotlib.figure.Figure` directly, without pyplot, so no GUI backend or
+global state is touched.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from raymoll.results import read_results, run_settings, writing
+
+TEST_FAMILIES = ("noise", "blur", "weather", "digital")
+FAMILIES = TEST_FAMILIES + ("validation",)
+RELIABILITY_SEVERITIES = (3, 5)
+
+# Column headers of the Markdown tables, by key of the `headline` dicts.
+HEADERS = {"run": "run", "model": "model", "mollified": "mollified",
+           "clean_accuracy": "clean acc", "corrupted_accuracy": "corrupted acc",
+           "corrupted_nll": "corrupted NLL", "corrupted_ece": "corrupted ECE",
+           "clean_nll": "clean NLL", "clean_ece": "clean ECE",
+           **{f"{f}_accuracy": f"{f} acc" for f in FAMILIES},
+           **{f"{f}_ece": f"{f} ECE" for f in FAMILIES}}
+HEADLINE_COLUMNS = ("run", "model", "mollified", "clean_accuracy", "corrupted_accuracy",
+                    "corrupted_nll", "corrupted_ece", "clean_ece")
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return float(np.mean([row[key] for row in rows])) if rows else float("nan")
+
+
+def _by_run(table: pa.Table) -> dict[str, list[dict]]:
+    """Rows grouped by run, runs in table order."""
+    runs: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        runs.setdefault(row["run"], []).append(row)
+    return runs
+
+
+def headline(table: pa.Table) -> list[dict[str, Any]]:
+    """One dict per run: clean and mean corrupted accuracy / NLL / ECE (fractions, nats), and
+    accuracy and ECE per family (noise, blur, weather, digital, validation)."""
+    out = []
+    for run, rows in _by_run(table).items():
+        clean = [r for r in rows if r["family"] == "clean"]
+        test = [r for r in rows if r["family"] in TEST_FAMILIES]
+        entry = {"run": run, "model": rows[0]["model"], "mollified": rows[0]["mollified"]}
+        for key in ("accuracy", "nll", "ece"):
+            entry[f"clean_{key}"] = _mean(clean, key)
+            entry[f"corrupted_{key}"] = _mean(test, key)
+        for family in FAMILIES:
+            members = [r for r in rows if r["family"] == family]
+            entry[f"{family}_accuracy"] = _mean(members, "accuracy")
+            entry[f"{family}_ece"] = _mean(members, "ece")
+        out.append(entry)
+    return out
+
+
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if np.isnan(value):
+            return "-"
+        return f"{value:.2%}" if key.endswith("accuracy") else f"{value:.4f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table of `rows` (e.g. from `headline`): accuracies as percentages, other
+    numbers to 4 decimals; `columns` picks and orders keys (default: the headline columns)."""
+    columns = list(columns or HEADLINE_COLUMNS)
+    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |",
+             "|" + "|".join("---" if c in ("run", "model", "mollified") else "---:" for c in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(c, row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with writing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def _legend(fig: Figure, axes, ncol: int) -> None:
+    handles, labels = axes.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(ncol, 4), frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+
+
+def _vs_severity(runs: dict[str, list[dict]], key: str, label: str, path: Path) -> None:
+    """One panel per family plus "all 15 test corruptions"; x = severity (0 = clean)."""
+    panels = [("all 15 test corruptions", TEST_FAMILIES)] + [(f, (f,)) for f in FAMILIES]
+    fig = Figure(figsize=(13, 7.5))
+    axes = fig.subplots(2, 3, sharex=True, sharey=True).flat
+    for ax, (title, families) in zip(axes, panels):
+        for run, rows in runs.items():
+            clean = [r for r in rows if r["family"] == "clean"]
+            severities = sorted({r["severity"] for r in rows if r["family"] in families})
+            ys = [_mean(clean, key)] + [_mean([r for r in rows if r["family"] in families
+                                               and r["severity"] == s], key) for s in severities]
+            ax.plot([0] + severities, ys, marker="o", label=run)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.set_xticks(range(6), ["clean", "1", "2", "3", "4", "5"])
+    for ax in fig.axes:
+        if key == "accuracy":
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(label)
+        if ax.get_subplotspec().is_last_row():
+            ax.set_xlabel("severity")
+    fig.suptitle(f"{label} vs corruption severity (mean over the family's corruptions)")
+    _legend(fig, fig.axes[0], len(runs))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    _save(fig, path)
+
+
+def _pooled_bins(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reliability bins of the union of the sets in `rows`: count, mean confidence, accuracy."""
+    count = np.sum([r["bin_count"] for r in rows], axis=0).astype(float)
+    weighted = lambda key: np.sum([np.nan_to_num(np.asarray(r[key], float)) * r["bin_count"]
+                                   for r in rows], axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return count, weighted("bin_confidence") / count, weighted("bin_accuracy") / count
+
+
+def _reliability(runs: dict[str, list[dict]], path: Path) -> None:
+    """Rows = runs, columns = clean and the pooled test corruptions at severities 3 and 5."""
+    present = {r["severity"] for rows in runs.values() for r in rows}
+    columns = [("clean", lambda r: r["family"] == "clean")] + [
+        (f"15 test corruptions, severity {s}",
+         lambda r, s=s: r["family"] in TEST_FAMILIES and r["severity"] == s)
+        for s in RELIABILITY_SEVERITIES if s in present]
+    fig = Figure(figsize=(4.2 * len(columns), 4.0 * len(runs)))
+    axes = np.asarray(fig.subplots(len(runs), len(columns), squeeze=False))
+    for i, (run, rows) in enumerate(runs.items()):
+        for j, (title, chosen) in enumerate(columns):
+            ax = axes[i, j]
+            count, confidence, acc = _pooled_bins([r for r in rows if chosen(r)])
+            n_bins = len(count)
+            centres = (np.arange(n_bins) + 0.5) / n_bins
+            filled = count > 0
+            ax.bar(centres[filled], acc[filled], width=1 / n_bins, edgecolor="black",
+                   linewidth=0.5, color="tab:blue", label="accuracy")
+            ax.bar(centres[filled], (confidence - acc)[filled], bottom=acc[filled],
+                   width=1 / n_bins, facecolor=(1, 0, 0, 0.12), edgecolor="tab:red",
+                   hatch="//", linewidth=0.5, label="gap to mean confidence")
+            ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+            ece = np.abs(np.nan_to_num(acc - confidence) * count).sum() / count.sum()
+            ax.text(0.04, 0.93, f"ECE {ece:.4f}\nn = {int(count.sum()):,}",
+                    transform=ax.transAxes, va="top", fontsize=9,
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+            ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{run}\n{title}")
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            if i == len(runs) - 1:
+                ax.set_xlabel("confidence (top class)")
+            if j == 0:
+                ax.set_ylabel("accuracy")
+    fig.suptitle("Reliability diagrams (15 equal-width confidence bins)")
+    _legend(fig, axes[0, 0], 3)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    _save(fig, path)
+
+
+def _corruption_bars(runs: dict[str, list[dict]], path: Path) -> None:
+    """Accuracy per corruption (mean over severities), runs side by side."""
+    names = list(dict.fromkeys(r["corruption"] for rows in runs.values() for r in rows))
+    fig = Figure(figsize=(max(10.0, 0.75 * len(names) * max(1, len(runs) / 2)), 5.0))
+    ax = fig.subplots()
+    width = 0.8 / len(runs)
+    for k, (run, rows) in enumerate(runs.items()):
+        heights = [_mean([r for r in rows if r["corruption"] == name], "accuracy")
+                   for name in names]
+        ax.bar(np.arange(len(names)) + (k - (len(runs) - 1) / 2) * width, heights, width,
+               label=run)
+    family = {r["corruption"]: r["family"] for rows in runs.values() for r in rows}
+    starts = [x for x in range(len(names)) if x == 0 or family[names[x]] != family[names[x - 1]]]
+    for x in starts:  # a separator and a label where the family changes
+        if x:
+            ax.axvline(x - 0.5, color="grey", linewidth=0.8)
+        ax.text(x - 0.4, 1.02, family[names[x]], fontsize=9, style="italic")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=9)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set(ylabel="accuracy (mean over severities)", ylim=(0, 1), xlim=(-0.6, len(names) - 0.4))
+    ax.set_title("Accuracy per corruption", pad=18)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+PLOTS = {
+    "accuracy_vs_severity.png": "accuracy vs severity per family (severity 0 = clean), one line "
+                                "per run",
+    "ece_vs_severity.png": "ECE (15 bins) vs severity per family, one line per run",
+    "reliability.png": "reliability diagrams: clean, and the 15 test corruptions pooled at "
+                       "severities 3 and 5, one row per run",
+    "corruption_accuracy.png": "accuracy per corruption, averaged over severities, runs side "
+                               "by side",
+}
+
+
+def _summary(table: pa.Table, files: Sequence[str]) -> str:
+    rows, settings = headline(table), run_settings(table)
+    severities = sorted({s for s in table.column("severity").to_pylist() if s})
+    family_acc = ["run"] + [f"{f}_accuracy" for f in FAMILIES]
+    family_ece = ["run"] + [f"{f}_ece" for f in FAMILIES]
+    lines = [
+        "# raymoll robustness report", "",
+        f"{len(rows)} run(s) from {', '.join(f'`{f}`' for f in files)}. \"Corrupted\" is the "
+        f"mean over the 15 test corruptions at severities {severities}; the 4 validation "
+        f"corruptions (searches select on them) are the family \"validation\". NLL in nats; "
+        f"ECE is top-label L1 with 15 equal-width bins over each whole set.", "",
+        "## Headline", "", format_table(rows), "",
+        "## Accuracy per family", "", format_table(rows, family_acc), "",
+        "## ECE per family", "", format_table(rows, family_ece), "",
+        "## Plots", "",
+        *[f"- [{name}]({name}): {caption}" for name, caption in PLOTS.items()], "",
+        "## Runs", "",
+    ]
+    for row in rows:
+        s = settings.get(row["run"], {})
+        lines.append(f"- **{row['run']}**: {row['model']}, mollified {_cell('', row['mollified'])}"
+                     f", checkpoint `{s.get('checkpoint')}` (epoch {s.get('epoch')}), "
+                     f"corruptions {s.get('corruptions')}, seed {s.get('seed')}")
+    return "\n".join(lines) + "\n"
+
+
+def report(results: Sequence[str | Path], out: str | Path) -> Path:
+    """Write the PNGs of PLOTS and summary.md for the results files into `out`; returns the
+    path of summary.md. Raises ResultsError, before writing anything, on a bad file."""
+    files = [str(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
+    table = read_results(files)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = _by_run(table)
+    _vs_severity(runs, "accuracy", "accuracy", out / "accuracy_vs_severity.png")
+    _vs_severity(runs, "ece", "ECE", out / "ece_vs_severity.png")
+    _reliability(runs, out / "reliability.png")
+    _corruption_bars(runs, out / "corruption_accuracy.png")
+    summary = out / "summary.md"
+    with writing(summary) as tmp:
+        tmp.write_text(_summary(table, files))
+    return summary

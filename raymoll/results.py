@@ -1,0 +1,122 @@
+"""The results table: one Parquet file per evaluation, one row per (run, corruption, severity).
+
+Columns are DESIGN.md's (clean data is corruption "clean", severity 0) plus the reliability
+diagram of each set, so `raymoll report` draws it without the model: per confidence bin the
+sample count, mean confidence and accuracy (NaN in empty bins). The settings that define a run
+(mollification config, seed, the whole training config) are JSON in the schema metadata under
+b"raymoll", as {run name: settings}; files stay plain Parquet for pandas, DuckDB or Polars.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+METADATA_KEY = b"raymoll"
+
+SCHEMA = pa.schema([
+    ("run", pa.string()),
+    ("checkpoint", pa.string()),
+    ("dataset", pa.string()),
+    ("model", pa.string()),
+    ("mollified", pa.bool_()),
+    ("corruption", pa.string()),
+    ("family", pa.string()),  # clean, noise, blur, weather, digital, validation
+    ("severity", pa.int8()),
+    ("n", pa.int64()),
+    ("accuracy", pa.float64()),
+    ("nll", pa.float64()),  # nats per sample
+    ("ece", pa.float64()),  # top-label L1, 15 equal-width bins, whole set
+    ("brier", pa.float64()),
+    ("bin_count", pa.list_(pa.int64())),
+    ("bin_confidence", pa.list_(pa.float64())),
+    ("bin_accuracy", pa.list_(pa.float64())),
+])
+
+
+class ResultsError(ValueError):
+    """A file that is not a raymoll results table, or rows that do not fit the schema."""
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is
+    removed, so a reader never sees a half-written file and an old file survives a failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_results(rows: Sequence[dict[str, Any]], metadata: dict[str, Any],
+                  path: str | Path) -> Path:
+    """Write one run's rows (dicts with the SCHEMA columns) to `path` atomically.
+
+    `metadata` holds the run's settings (JSON-serialisable); it is stored as {run: metadata}.
+    """
+    runs = {row["run"] for row in rows}
+    if len(runs) != 1:
+        raise ResultsError(f"a results file holds one run, got rows of {sorted(runs)}")
+    try:
+        table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as err:
+        raise ResultsError(f"rows do not fit the results schema: {err}") from None
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps({runs.pop(): metadata})})
+    with writing(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def _read_one(path: Path) -> pa.Table:
+    hint = "pass files written by `raymoll evaluate`"
+    if not path.is_file():
+        raise ResultsError(f"results file {str(path)!r} does not exist; {hint}.")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ResultsError(f"{str(path)!r} is not a Parquet file ({err}); {hint}.") from None
+    metadata = table.schema.metadata or {}
+    wrong = [f"{f.name} ({f.type})" for f in SCHEMA
+             if f.name not in table.column_names or table.schema.field(f.name).type != f.type]
+    if wrong or METADATA_KEY not in metadata:
+        what = f"lacks or mistypes the columns {', '.join(wrong)}" if wrong else \
+            "has no raymoll settings in its metadata"
+        raise ResultsError(f"{str(path)!r} is Parquet but not a raymoll results table: it "
+                           f"{what}; {hint}.")
+    return table.select(SCHEMA.names)
+
+
+def read_results(paths: str | Path | Sequence[str | Path]) -> pa.Table:
+    """Read and concatenate results files; the table's metadata merges their {run: settings}.
+
+    Raises ResultsError for a missing file, a file that is not a results table, or a run name
+    that appears in two files (name them apart with `raymoll evaluate --run`).
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ResultsError("no results files given; pass files written by `raymoll evaluate`.")
+    tables, merged, source = [], {}, {}
+    for path in map(Path, paths):
+        table = _read_one(path)
+        for run, settings in json.loads(table.schema.metadata[METADATA_KEY]).items():
+            if run in merged:
+                raise ResultsError(f"run {run!r} is in both {str(source[run])!r} and "
+                                   f"{str(path)!r}; evaluate with --run NAME to tell them apart.")
+            merged[run], source[run] = settings, path
+        tables.append(table.replace_schema_metadata(None))
+    return pa.concat_tables(tables).replace_schema_metadata(
+        {METADATA_KEY: json.dumps(merged)})
+
+
+def run_settings(table: pa.Table) -> dict[str, dict[str, Any]]:
+    """{run name: settings} from a table made by `read_results`."""
+    return json.loads(table.schema.metadata[METADATA_KEY])
