@@ -1,0 +1,269 @@
+"""raymoll.data: sources -> .beton -> loader round trips, sharding, augmentation, bad input."""
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+from raymoll.data import (AUGMENTS, BatchAugment, DataError, batch_mix, flip_crop_rotate,
+                          load_source, load_split, make_loader, prepare, read_meta)
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _idx(name: str, offset: int) -> np.ndarray:
+    with gzip.open(FASHION / name) as f:
+        return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+
+def _epoch(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """All batches of one epoch, copied out of FFCV's reused buffers."""
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    return torch.cat(xs), torch.cat(ys)
+
+
+@pytest.fixture(scope="module")
+def indexed_dir(tmp_path_factory):
+    """Synthetic data whose label is the sample index (one class per sample)."""
+    return prepare("synthetic", tmp_path_factory.mktemp("indexed"), num_train=50, num_test=30,
+                   num_classes=50, progress=False)
+
+
+def test_fashion_mnist_matches_idx_files(fashion_mnist_dir):
+    meta = read_meta(fashion_mnist_dir)
+    assert meta["counts"] == {"train": 60000, "test": 10000}
+    assert meta["num_classes"] == 10 and meta["image_size"] == [32, 32]
+    for split, prefix, count in (("train", "train", 60000), ("test", "t10k", 10000)):
+        images, labels = load_split(fashion_mnist_dir, split)
+        grey = torch.tensor(_idx(f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28))
+        expected = torch.zeros(count, 3, 32, 32, dtype=torch.uint8)
+        expected[:, :, 2:30, 2:30] = grey[:, None]
+        assert images.shape == expected.shape and images.dtype == torch.uint8
+        assert torch.equal(images, expected)
+        assert torch.equal(labels, torch.tensor(_idx(f"{prefix}-labels-idx1-ubyte.gz", 8))
+                           .long())
+        assert torch.bincount(labels).tolist() == [count // 10] * 10
+    # mean/std in [0, 255] units over every train pixel (the 3 channels are equal)
+    pixels = torch.tensor(_idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28))
+    padded = F.pad(pixels, (2, 2, 2, 2)).double()
+    np.testing.assert_allclose(meta["mean"], [padded.mean().item()] * 3, rtol=1e-9)
+    np.testing.assert_allclose(meta["std"], [padded.std(unbiased=False).item()] * 3, rtol=1e-9)
+
+
+def test_synthetic_round_trips_exactly(tmp_path):
+    kwargs = dict(num_train=120, num_test=40, num_classes=4, image_size=24, seed=3)
+    prepare("synthetic", tmp_path, progress=False, **kwargs)
+    source = load_source("synthetic", **kwargs)
+    for split in ("train", "test"):
+        images, labels = load_split(tmp_path, split)
+        reference = [getattr(source, split)[i] for i in range(len(labels))]
+        expected = torch.from_numpy(np.stack([image for image, _ in reference]))
+        assert torch.equal(images, expected.permute(0, 3, 1, 2))
+        assert labels.tolist() == [label for _, label in reference]
+
+
+def test_loader_orders_batches_and_subsets(indexed_dir):
+    threads = torch.get_num_threads()
+    train = make_loader(indexed_dir, "train", 8, "cpu", train=True, seed=1)
+    assert torch.get_num_threads() == threads
+    x, y = _epoch(train)
+    assert x.dtype == torch.float32 and x.shape == (48, 3, 32, 32)  # drop_last: 6 full batches
+    assert len(set(y.tolist())) == 48 and y.tolist() != sorted(y.tolist())
+    assert torch.equal(y, _epoch(make_loader(indexed_dir, "train", 8, "cpu", train=True,
+                                             seed=1))[1])
+    assert not torch.equal(y, _epoch(make_loader(indexed_dir, "train", 8, "cpu", train=True,
+                                                 seed=2))[1])
+    x, y = _epoch(make_loader(indexed_dir, "test", 8, "cpu", train=False, subset=13,
+                              normalize=False))
+    assert x.dtype == torch.uint8 and y.tolist() == list(range(13))
+
+
+def _shard_worker(rank: int, data_dir: str, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        for train in (True, False):  # random and sequential order
+            loader = make_loader(data_dir, "train", 5, "cpu", train=train, drop_last=False)
+            np.save(f"{out}/rank{rank}-{train}.npy", _epoch(loader)[1].numpy())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_get_disjoint_shards(indexed_dir, tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_shard_worker, args=(str(indexed_dir), port, str(tmp_path)), nprocs=2)
+    for train in (True, False):
+        shards = [set(np.load(tmp_path / f"rank{r}-{train}.npy").tolist()) for r in range(2)]
+        assert len(shards[0]) == len(shards[1]) == 25
+        assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(50))
+
+
+def _shifted_flips(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    """Every flip + pad-and-crop of `image`: the candidates of fcr without rotation."""
+    h, w = image.shape[-2:]
+    out = []
+    for flipped in (image, image.flip(-1)):
+        padded = F.pad(flipped, (pad,) * 4)
+        out += [padded[:, dy:dy + h, dx:dx + w] for dy in range(2 * pad + 1)
+                for dx in range(2 * pad + 1)]
+    return out
+
+
+def test_fcr_without_rotation_is_a_flip_and_crop():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 12, 12), dtype=torch.uint8)
+    candidates = torch.stack(_shifted_flips(image, 4))
+    out = flip_crop_rotate(image.expand(64, -1, -1, -1), max_degrees=0.0)
+    matches = [(candidates == o).flatten(1).all(1).nonzero().flatten().tolist() for o in out]
+    assert all(matches)  # each output is one candidate exactly
+    assert len({m[0] for m in matches}) > 10  # and they are drawn per sample
+
+
+@pytest.mark.parametrize("name", [a for a in AUGMENTS if a != "none"])
+def test_augmentation_differs_per_sample(name):
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    batch = image.expand(16, -1, -1, -1).contiguous()
+    out = BatchAugment(name)(batch)
+    assert out.shape == batch.shape and out.dtype == batch.dtype and out.device == batch.device
+    assert len({o.numpy().tobytes() for o in out}) > 4
+
+
+def test_fcr_keeps_float_and_policies_refuse_float():
+    x = torch.rand(4, 3, 16, 16)
+    assert BatchAugment("fcr")(x).dtype == torch.float32
+    assert BatchAugment("none")(x) is x
+    with pytest.raises(ValueError, match="needs uint8"):
+        BatchAugment("randaugment")(x)
+    with pytest.raises(ValueError, match="choose one of"):
+        BatchAugment("cutout")
+
+
+def test_batch_mix_gives_soft_labels():
+    assert batch_mix(10) is None
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
+    for mix in (batch_mix(10, mixup_alpha=1.0), batch_mix(10, cutmix_alpha=1.0)):
+        mixed, soft = mix(x, y)
+        assert mixed.shape == x.shape and soft.shape == (8, 10)
+        torch.testing.assert_close(soft.sum(1), torch.ones(8))
+
+
+def test_augment_inside_the_loader(indexed_dir):
+    x, y = _epoch(make_loader(indexed_dir, "test", 10, "cpu", train=False, normalize=False,
+                              augment=BatchAugment("trivialaugment")))
+    assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and y.tolist() == list(range(30))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.fixture()
+def damaged(indexed_dir, tmp_path):
+    """A fresh copy of a prepared folder that a test may break."""
+    return Path(shutil.copytree(indexed_dir, tmp_path / "copy"))
+
+
+def test_truncated_beton(damaged):
+    path = damaged / "train.beton"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match="truncated"):
+        read_meta(damaged)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", bytes(range(256)) * 100])
+def test_not_a_beton(damaged, content):
+    (damaged / "test.beton").write_bytes(content)
+    with pytest.raises(DataError, match="not a readable FFCV .beton"):
+        make_loader(damaged, "test", 4, "cpu", train=False)
+
+
+def test_changed_beton_does_not_match_meta(damaged):
+    path = damaged / "train.beton"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, still a structurally valid .beton
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="content hash"):
+        read_meta(damaged)
+    shutil.copy(damaged / "test.beton", path)  # a whole .beton of another split
+    with pytest.raises(DataError, match="meta.json records"):
+        read_meta(damaged)
+
+
+def test_missing_folder_and_files(damaged, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_meta(tmp_path / "nowhere")
+    (damaged / "test.beton").unlink()
+    with pytest.raises(DataError, match="test.beton is missing"):
+        read_meta(damaged)
+    (damaged / "meta.json").unlink()
+    with pytest.raises(DataError, match="no meta.json"):
+        read_meta(damaged)
+
+
+def test_non_square_rejected(damaged, tmp_path):
+    with pytest.raises(DataError, match="square"):
+        prepare("synthetic", tmp_path / "wide", image_size=(16, 24), progress=False)
+    assert not (tmp_path / "wide").exists()
+    meta = damaged / "meta.json"
+    meta.write_text(meta.read_text().replace('"image_size": [\n  32,\n  32\n ]',
+                                             '"image_size": [32, 24]'))
+    with pytest.raises(DataError, match="24x32 images"):
+        read_meta(damaged)
+
+
+def test_unknown_dataset_and_missing_root(tmp_path):
+    with pytest.raises(DataError, match="choose one of cifar10, cifar100, tinyimagenet"):
+        prepare("mnist", tmp_path / "a", progress=False)
+    with pytest.raises(DataError, match="pass --root pointing at the tiny-imagenet-200"):
+        prepare("tinyimagenet", tmp_path / "b", root=tmp_path, progress=False)
+    with pytest.raises(DataError, match="imagefolder needs --root"):
+        prepare("imagefolder", tmp_path / "c", progress=False)
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_failed_prepare_keeps_the_finished_set(damaged, tmp_path):
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k in range(2):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(
+                    root / split / f"c{k}" / f"{i}.png")
+    (root / "train" / "c1" / "broken.png").write_bytes(b"not an image")
+    before = {p.name: p.read_bytes() for p in damaged.iterdir()}
+    with pytest.raises(DataError, match="broken.png"):
+        prepare("imagefolder", damaged, root=root, image_size=32, progress=False)
+    assert {p.name: p.read_bytes() for p in damaged.iterdir()} == before
+    read_meta(damaged)
+
+
+def test_killed_prepare_leaves_nothing_finished(tmp_path):
+    code = ("from raymoll.data import prepare; prepare('synthetic', r'%s', num_train=200000, "
+            "num_test=10, image_size=64, progress=False)" % tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".train.beton.tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the writer's worker processes too
+        proc.wait()
+    assert list(tmp_path.glob(".train.beton.tmp-*"))  # it was killed while writing
+    assert not (tmp_path / "meta.json").exists() and not list(tmp_path.glob("*.beton"))
