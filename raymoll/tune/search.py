@@ -1,0 +1,222 @@
+"""The Ray Tune search: each trial fits its own TorchTrainer at one point of the space, ASHA
+stops weak trials at epoch milestones, and a finished search leaves, in the experiment folder
+`<run.storage_path>/<run.name>`:
+
+    trials.parquet   one row per trial and epoch: trial_id, trial_status, config/<key>, metrics
+    best.yaml        the best trial's complete config, ready for `raymoll train --config`
+    train-<trial>/   each trial's Ray Train run (checkpoints)
+
+The objective is measured on the validation corruptions and the clean test set only.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from raymoll.config import Config, ConfigError, from_dict, to_dict
+from raymoll.train.trainer import build_trainer, storage_path
+from raymoll.tune.space import (apply_point, check_space, expected_trials, metric_mode,
+                                searched_keys)
+
+DOMAINS = {"uniform": lambda s: tune.uniform(s["low"], s["high"]),
+           "loguniform": lambda s: tune.loguniform(s["low"], s["high"]),
+           "quniform": lambda s: tune.quniform(s["low"], s["high"], s["q"]),
+           "randint": lambda s: tune.randint(s["low"], s["high"]),
+           "choice": lambda s: tune.choice(s["values"]),
+           "grid": lambda s: tune.grid_search(s["values"])}
+
+
+@dataclass
+class SearchResult:
+    """Where a search left its outputs."""
+    path: str                     # the experiment folder
+    finished: bool                # False when interrupted: `raymoll tune --resume` continues it
+    trials: str                   # trials.parquet
+    best_config: str | None       # best.yaml (None until the search has finished)
+    best_checkpoint: str | None   # the best trial's last checkpoint
+    evaluation: str | None        # Parquet of the final evaluation (tune.final_evaluate)
+
+
+def experiment_path(cfg: Config) -> str:
+    """<run.storage_path>/<run.name>, absolute (or a URI)."""
+    return storage_path(os.path.join(cfg.run.storage_path, cfg.run.name))
+
+
+def run_trial(point: dict[str, Any], base: dict) -> None:
+    """One trial: fit a TorchTrainer at `point`; TuneReportCallback hands Tune rank 0's
+    per-epoch metrics (plus checkpoint_path)."""
+    cfg = apply_point(from_dict(base), point)
+    trial_id = tune.get_context().get_trial_id()
+    build_trainer(cfg, name=f"train-{trial_id}", callbacks=[TuneReportCallback()]).fit()
+
+
+def trial_dirname(trial) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+def _trainable(cfg: Config, path: str):
+    """run_trial bound to the base config; its Train runs go under the experiment folder, and
+    data.path is made absolute because Tune and Train start each process in its own folder."""
+    base = to_dict(cfg)
+    base["run"]["storage_path"] = path
+    base["data"]["path"] = storage_path(cfg.data.path)
+    return tune.with_resources(tune.with_parameters(run_trial, base=base),
+                               {"CPU": cfg.tune.trial_cpus})
+
+
+def max_concurrent(cfg: Config) -> int:
+    """tune.max_concurrent, or (when 0) as many trials as the cluster's resources hold now:
+    each needs its driver's CPUs plus its workers' CPUs and GPUs."""
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    run = cfg.run
+    need = {"CPU": cfg.tune.trial_cpus + run.num_workers * run.cpus_per_worker,
+            "GPU": run.num_workers if run.use_gpu else 0}
+    have = ray.cluster_resources()
+    return max(1, min(int(have.get(key, 0) // amount) for key, amount in need.items() if amount))
+
+
+def _new_tuner(cfg: Config, path: str, callbacks: list) -> tune.Tuner:
+    t = cfg.tune
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        searcher = OptunaSearch(seed=cfg.run.seed)  # TPE
+    else:
+        from ray.tune.search import BasicVariantGenerator
+        searcher = BasicVariantGenerator(random_state=cfg.run.seed)
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
+                              grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+    return tune.Tuner(
+        _trainable(cfg, path),
+        param_space={key: DOMAINS[spec["type"]](spec) for key, spec in t.space.items()},
+        tune_config=tune.TuneConfig(metric=t.metric, mode=metric_mode(t.metric),
+                                    search_alg=searcher, scheduler=scheduler,
+                                    num_samples=t.num_samples,
+                                    max_concurrent_trials=max_concurrent(cfg),
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=cfg.run.name, storage_path=os.path.dirname(path),
+                                  callbacks=callbacks))
+
+
+def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None) -> SearchResult:
+    """Run (or with `resume`, continue) the search of `cfg`; Ray must be initialised.
+
+    `callbacks` are extra `ray.tune.Callback`s; a resumed search keeps those it started with.
+    """
+    check_space(cfg)
+    path = experiment_path(cfg)
+    exists = tune.Tuner.can_restore(path)
+    if resume and not exists:
+        raise ConfigError(f"--resume: there is no search to continue at {path}; run without "
+                          "--resume to start it.")
+    if exists and not resume:
+        raise ConfigError(f"a search already exists at {path}: pass --resume to continue it, "
+                          "or choose another run.name.")
+    if resume:  # finished trials stay finished; unfinished ones go on from their checkpoints
+        tuner = tune.Tuner.restore(path, _trainable(cfg, path), resume_unfinished=True,
+                                   restart_errored=True)
+    else:
+        tuner = _new_tuner(cfg, path, callbacks or [])
+    grid = tuner.fit()
+    finished = grid.num_terminated + grid.num_errors == len(grid) == expected_trials(cfg.tune)
+
+    table = trials_table(cfg, grid)
+    trials = _write(os.path.join(path, "trials.parquet"), _parquet_bytes(table))
+    print(ranking(cfg, table))
+    if not finished:
+        print(f"the search was interrupted; continue it with: raymoll tune --config <this "
+              f"config> --resume   ({path})")
+        return SearchResult(path, False, trials, None, None, None)
+
+    best = grid.get_best_result(metric=cfg.tune.metric, mode=metric_mode(cfg.tune.metric))
+    best_cfg = apply_point(cfg, best.config)
+    best_yaml = _write(os.path.join(path, "best.yaml"), best_yaml_text(cfg, best_cfg, best))
+    checkpoint = best.metrics.get("checkpoint_path")
+    print(f"best trial {best.metrics['trial_id']}: {cfg.tune.metric} = "
+          f"{best.metrics[cfg.tune.metric]:.4f}\nbest config: {best_yaml}\n"
+          f"best checkpoint: {checkpoint}\ntrials: {trials}")
+    evaluation = None
+    if cfg.tune.final_evaluate and checkpoint:
+        evaluation = final_evaluate(checkpoint, best_cfg, path)
+        print(f"evaluation of the best checkpoint: {evaluation}")
+    return SearchResult(path, True, trials, best_yaml, checkpoint, evaluation)
+
+
+def trials_table(cfg: Config, grid) -> pd.DataFrame:
+    """One row per trial and reported epoch: trial_id, trial_status (completed, stopped =
+    ended before optim.epochs, error), the searched values as config/<key>, and the metrics."""
+    keys = list(cfg.tune.space) + [k for k in searched_keys(cfg.tune.space)
+                                   if k not in cfg.tune.space]
+    frames = []
+    for result in grid:
+        rows = result.metrics_dataframe
+        if rows is None or rows.empty:
+            rows = pd.DataFrame([{"trial_id": result.metrics.get("trial_id")}])
+        rows = rows.drop(columns=[c for c in rows if c.startswith("config/")])
+        resolved = apply_point(cfg, result.config)
+        values = {key: reduce(getattr, key.split("."), resolved) for key in keys
+                  if key not in result.config} | result.config
+        last_epoch = rows["epoch"].max() if "epoch" in rows else 0
+        status = ("error" if result.error else
+                  "completed" if last_epoch >= cfg.optim.epochs else "stopped")
+        frames.append(rows.assign(trial_status=status,
+                                  **{f"config/{k}": values[k] for k in keys}))
+    table = pd.concat(frames, ignore_index=True)
+    front = ["trial_id", "trial_status", "epoch"]
+    return table[[c for c in front if c in table] + [c for c in table if c not in front]]
+
+
+def ranking(cfg: Config, table: pd.DataFrame, top: int = 10) -> str:
+    """The best `top` trials by their last reported metric, as a text table."""
+    metric = cfg.tune.metric
+    last = table.sort_values("epoch").groupby("trial_id").tail(1)
+    last = last.sort_values(metric, ascending=metric_mode(metric) == "min").head(top)
+    columns = ["trial_id", "trial_status", "epoch", metric, "val_accuracy", "clean_accuracy"]
+    columns += [f"config/{k}" for k in cfg.tune.space]
+    return last[[c for c in columns if c in last]].to_string(index=False, float_format="%.4g")
+
+
+def best_yaml_text(cfg: Config, best_cfg: Config, best) -> str:
+    data = to_dict(best_cfg)
+    data["run"]["name"] = f"{cfg.run.name}-best"
+    header = (f"# Best of {cfg.tune.num_samples} trials of the search '{cfg.run.name}': trial "
+              f"{best.metrics['trial_id']}, {cfg.tune.metric} = {best.metrics[cfg.tune.metric]:.4f}"
+              f" at epoch {best.metrics.get('epoch')}.\n# Train it: raymoll train --config "
+              f"best.yaml\n")
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
+def final_evaluate(checkpoint: str, cfg: Config, path: str) -> str:
+    """`raymoll evaluate` of the best checkpoint on the 15 test corruptions."""
+    from raymoll.evaluate import evaluate  # the evaluation stack loads only when asked for
+    with ray.train.Checkpoint(checkpoint).as_directory() as folder:
+        out = os.path.join(path, "best_evaluation.parquet") if "://" not in path else None
+        return str(evaluate(folder, cfg.data.path, out=out, run=f"{cfg.run.name}-best"))
+
+
+def _parquet_bytes(table: pd.DataFrame) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _write(path: str, data: bytes | str) -> str:
+    """Write a file (local or URI) under a temporary name, then rename it: no half files."""
+    fs, where = pyarrow.fs.FileSystem.from_uri(path)
+    temporary = f"{where}.tmp-{os.getpid()}"
+    with fs.open_output_stream(temporary) as stream:
+        stream.write(data.encode() if isinstance(data, str) else data)
+    fs.move(temporary, where)
+    return path
