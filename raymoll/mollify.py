@@ -19,7 +19,8 @@ from raymoll.config import Config, ConfigError, MollifyConfig, validate
 __all__ = ["MollifyConfig", "Mollifier", "heat_blur", "blur_sigma", "noise_coefficients",
            "noise_smoothing", "blur_smoothing", "sample_beta"]
 
-CLEAN, NOISE, BLUR, BOTH = 0, 1, 2, 3  # roles; BOTH = blur, then noise
+# Roles are bit flags: BOTH = NOISE | BLUR (blur, then noise).
+CLEAN, NOISE, BLUR, BOTH = 0, 1, 2, 3
 NOISE_SCHEDULES = ("cosine", "linear", "power")
 BLUR_SCHEDULES = ("loglinear", "linear")
 
@@ -136,25 +137,30 @@ def heat_blur(x: Tensor, tau: Tensor) -> Tensor:
 _GAMMA_CANDIDATES = 16
 
 
-def _log_gamma(shape: float, n: int, generator: torch.Generator | None,
-               device: torch.device) -> Tensor:
-    """log of n draws from Gamma(shape, 1), float32 (n,), drawn without host syncs.
+def _log_gamma_pair(a: float, b: float, n: int, generator: torch.Generator | None,
+                    device: torch.device) -> Tensor:
+    """log of n draws each from Gamma(a, 1) and Gamma(b, 1): float32 (2, n), without host syncs.
 
-    Marsaglia & Tsang (2000) at shape + 1 >= 1, boosted to `shape` by G_a = G_{a+1} U^(1/a)
-    (their §6), in log space so small shapes do not underflow. Rejection sampling has a random
-    number of rounds; a fixed number of candidates, the first accepted one kept, keeps shapes
-    static. Should all be rejected (see _GAMMA_CANDIDATES) candidate 0 is kept regardless.
+    Marsaglia & Tsang (2000) at shape + 1 >= 1, boosted to the shape by G_s = G_{s+1} U^(1/s)
+    (their §6), in log space so small shapes do not underflow. Rejection sampling takes a random
+    number of rounds; a fixed number of candidates, keeping the first accepted one, keeps shapes
+    static. Should all be rejected (see _GAMMA_CANDIDATES) candidate 0 is kept regardless. Both
+    shapes share every kernel launch: the mollifier runs this once per batch.
     """
-    d = shape + 1 - 1 / 3
-    c = 1 / math.sqrt(9 * d)
-    size = (n, _GAMMA_CANDIDATES)
+    # The shapes as a device tensor built by arithmetic: copying a list to the GPU would sync.
+    shape = a + (b - a) * torch.arange(2, device=device, dtype=torch.float32)[:, None]
+    d = shape + 2 / 3  # (shape + 1) - 1/3
+    c = torch.rsqrt(9 * d)[:, :, None]
+    size = (2, n, _GAMMA_CANDIDATES)
     z = torch.randn(size, generator=generator, device=device)
     log_u = torch.log1p(-torch.rand(size, generator=generator, device=device))  # u in (0, 1]
-    log_v = 3 * torch.log((1 + c * z).clamp_min(1e-30))  # v = (1 + c z)^3 > 0 when accepted
-    accepted = (1 + c * z > 0) & (log_u < 0.5 * z**2 + d - d * log_v.exp() + d * log_v)
-    first = accepted.to(torch.float32).argmax(dim=1, keepdim=True)
-    log_boost = torch.log1p(-torch.rand(n, generator=generator, device=device)) / shape
-    return math.log(d) + log_v.gather(1, first).squeeze(1) + log_boost
+    cz1 = 1 + c * z
+    log_v = 3 * torch.log(cz1.clamp_min(1e-30))  # v = (1 + c z)^3, > 0 when accepted
+    dd = d[:, :, None]
+    accepted = (cz1 > 0) & (log_u < 0.5 * z**2 + dd - dd * log_v.exp() + dd * log_v)
+    first = accepted.to(torch.float32).argmax(dim=2, keepdim=True)
+    log_boost = torch.log1p(-torch.rand((2, n), generator=generator, device=device)) / shape
+    return torch.log(d) + log_v.gather(2, first).squeeze(2) + log_boost
 
 
 def sample_beta(a: float, b: float, n: int, generator: torch.Generator | None = None,
@@ -163,8 +169,7 @@ def sample_beta(a: float, b: float, n: int, generator: torch.Generator | None = 
     if not (a > 0 and b > 0):
         raise ValueError(f"Beta parameters must be positive, got a={a}, b={b}.")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    log_ga = _log_gamma(a, n, generator, device)
-    log_gb = _log_gamma(b, n, generator, device)
+    log_ga, log_gb = _log_gamma_pair(a, b, n, generator, device)
     return torch.sigmoid(log_ga - log_gb)  # G_a / (G_a + G_b)
 
 
@@ -247,19 +252,19 @@ class Mollifier(nn.Module):
             raise ValueError(f"t and role must have shape ({n},), got {tuple(t.shape)} and "
                              f"{tuple(role.shape)}.")
         c = self.cfg
-        noised = (role == NOISE) | (role == BOTH)
-        blurred = (role == BLUR) | (role == BOTH)
+        noised = (role & NOISE) != 0
+        blurred = (role & BLUR) != 0
         # Every sample runs every op; the roles only pick coefficients that make an op a no-op.
         tau = torch.where(blurred, blur_sigma(t, c.sigma_min, self.sigma_max,
                                               c.blur_schedule) ** 2 / 2, 0.0)
-        alpha, sigma = noise_coefficients(t, c.noise_schedule, c.noise_shape)
-        alpha = torch.where(noised, alpha, 1.0)[:, None, None, None].to(x.dtype)
-        sigma = torch.where(noised, sigma, 0.0)[:, None, None, None].to(x.dtype)
+        alpha_t, sigma_t = noise_coefficients(t, c.noise_schedule, c.noise_shape)
+        alpha = torch.where(noised, alpha_t, 1.0)[:, None, None, None].to(x.dtype)
+        sigma = torch.where(noised, sigma_t, 0.0)[:, None, None, None].to(x.dtype)
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_t = alpha * _blur(x, tau, self.dct, self.eigenvalues) + sigma * eps
 
-        gamma_n = torch.where(noised, noise_smoothing(t, c.noise_smoothing_power,
-                                                      c.noise_schedule, c.noise_shape), 0.0)
+        # noise_smoothing(t), reusing sigma_t: on a GPU each small op is a kernel launch.
+        gamma_n = torch.where(noised, sigma_t ** (2 * c.noise_smoothing_power), 0.0)
         gamma_b = torch.where(blurred, blur_smoothing(t, c.blur_smoothing_power), 0.0)
         gamma = (1 - (1 - gamma_b) * (1 - gamma_n))[:, None]
         return x_t, (1 - gamma) * y + gamma / self.num_classes

@@ -1,0 +1,131 @@
+"""Cost of mollification in a training step: the same step with and without the Mollifier.
+
+Times forward, soft-label cross-entropy, backward and an SGD step at the paper's batch size.
+"Without" runs a disabled Mollifier, which is exactly what plain training runs (one-hot labels
+through the same code path). The two variants alternate in rounds so that load from other
+processes hits both alike; the ratio of the medians is the overhead.
+
+    PYTHONPATH=. python jobs/bench/mollify.py --device cpu --steps 2 --rounds 5
+Targets: mollified / plain <= 1.02 on CPU, <= 1.01 on GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from raymoll.models import build_model
+from raymoll.mollify import Mollifier, MollifyConfig
+
+TARGETS = {"cpu": 1.02, "cuda": 1.01}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds per call of `step`, averaged over `steps` calls (queued GPU work included)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    mollifier: Mollifier, x: torch.Tensor, y: torch.Tensor,
+                    bf16: bool) -> Callable[[], None]:
+    """One training step on a fixed batch; on CUDA the mollifier must not sync the host."""
+    device = x.device
+    no_sync = device.type == "cuda"
+
+    def step() -> None:
+        if no_sync:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            x_t, y_t = mollifier(x, y)
+        finally:
+            if no_sync:
+                torch.cuda.set_sync_debug_mode("default")
+        autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = F.cross_entropy(model(x_t), y_t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--size", type=int, default=32, help="image width = height (pixels)")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=2, help="steps per timing")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timings of each")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=("cpu", "cuda"))
+    parser.add_argument("--model", default="preactresnet18")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the mollifier (fullgraph), as optim.compile does")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model(args.model, args.classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, args.classes, (args.batch,), device=device)
+    bf16 = device.type == "cuda" and not args.fp32
+
+    variants, mollifiers = {}, {}
+    for name, enabled in (("plain", False), ("mollified", True)):
+        cfg = dataclasses.replace(MollifyConfig(), enabled=enabled)
+        mollifier = Mollifier(cfg, args.size, args.classes).to(device)
+        if args.compile:
+            mollifier = torch.compile(mollifier, fullgraph=True)
+        mollifier(x, y)  # compiles, if asked, before the steps forbid host syncs
+        variants[name] = make_train_step(model, optimizer, mollifier, x, y, bf16)
+        mollifiers[name] = mollifier
+
+    for step in variants.values():
+        time_steps(step, args.warmup, device)
+    times = {name: [] for name in variants}
+    for r in range(args.rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            times[name].append(time_steps(variants[name], args.steps, device))
+    alone = time_steps(lambda: mollifiers["mollified"](x, y), 20, device)
+
+    plain, mollified = (statistics.median(times[n]) for n in ("plain", "mollified"))
+    per_round = [m / p for p, m in zip(times["plain"], times["mollified"])]
+    spread = (max(times["plain"]) - min(times["plain"])) / plain
+    target = TARGETS[device.type]
+    print(f"{args.model}, batch {args.batch}, {args.size} px, {device.type}, "
+          f"{args.threads} threads, bf16={bf16}, compiled mollifier={args.compile}; "
+          f"{args.rounds} rounds x {args.steps} steps")
+    print(f"plain step:      {plain * 1e3:9.2f} ms (median)")
+    print(f"mollified step:  {mollified * 1e3:9.2f} ms (median)")
+    print(f"mollifier alone: {alone * 1e3:9.2f} ms per batch "
+          f"({alone / plain:.2%} of a plain step: the overhead without timing noise)")
+    print(f"ratio: {mollified / plain:.4f} (target <= {target}); per round "
+          f"{min(per_round):.3f}..{max(per_round):.3f}; plain-step spread {spread:.1%}")
+    print("meets target" if mollified / plain <= target else "misses target")
+
+
+if __name__ == "__main__":
+    main()
