@@ -10,6 +10,7 @@ reference. Random corruptions draw from `generator`, which must live on the imag
 (torch draws there directly; a CPU generator for CUDA images is an error). The same generator
 state gives the same output; None uses torch's global generator for that device.
 """
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -65,7 +66,7 @@ def _check(images: torch.Tensor, name: str, severity: int, generator: torch.Gene
     if name not in _FUNCTIONS:
         raise ValueError(f"unknown corruption {name!r}; the test corruptions are {', '.join(CORRUPTIONS)} "
                          f"and the validation ones {', '.join(VALIDATION_CORRUPTIONS)}.")
-    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
+    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or not 1 <= severity <= 5:
         raise ValueError(f"severity must be an int from 1 to 5, got {severity!r}.")
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)} or None to pick by image size.")
@@ -90,7 +91,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, generator: torch.Gen
     """
     _check(images, name, severity, generator, preset)
     preset = preset or preset_for_size(min(images.shape[-2:]))
-    params = PRESETS[preset][name][severity - 1]
+    params = PRESETS[preset][name][int(severity) - 1]
     x = images.float() / 255
     out = _FUNCTIONS[name](x, params, generator)
     out = torch.round(out.clamp(0, 1) * 255).to(torch.uint8)

@@ -4,9 +4,14 @@ saturate (validation).
 Each takes x float (N, 3, H, W) in [0, 1], the severity's parameter and a torch.Generator on
 x's device, and returns float images that corrupt() clips.
 
-Deviations from the reference generator: pixelate rounds to uint8 once at the end (PIL also
-rounds between its horizontal and vertical passes); JPEG uses torchvision's libjpeg (or nvjpeg
-on CUDA) instead of PIL's, with the same quality.
+Deviations from the reference generator:
+- pixelate rounds to uint8 once at the end (PIL also rounds between its horizontal and
+  vertical passes).
+- jpeg_compression uses torchvision's libjpeg (nvjpeg on CUDA) instead of PIL's, at the same
+  quality.
+- elastic_transform blurs its random field with mirrored borders that repeat no edge value
+  (torch's "reflect"; skimage's repeats it), which only changes which random values sit near
+  the border, and interpolates the affine warp in float (OpenCV uses 5-bit fixed point).
 """
 import torch
 import torch.nn.functional as F
