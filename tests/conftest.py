@@ -21,6 +21,6 @@ def ray_local():
     import ray
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.pop("RAY_ADDRESS", None)  # never attach to a developer's cluster by accident
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(num_cpus=4)
     yield ray
     ray.shutdown()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -68,7 +69,8 @@ def _image_decoder(meta: dict, train: bool):
 
 def make_loader(data_dir: str | Path, split: str, batch_size: int, device: str | torch.device,
                 *, train: bool, distributed: bool | None = None, num_workers: int = 2,
-                seed: int = 0, subset: int = 0, normalize: bool = True,
+                seed: int = 0, subset: int = 0, indices: Sequence[int] | None = None,
+                normalize: bool = True,
                 augment: nn.Module | None = None, os_cache: bool = True,
                 drop_last: bool | None = None) -> Loader:
     """An FFCV Loader over data_dir/{split}.beton yielding (images, labels) on `device`.
@@ -78,7 +80,9 @@ def make_loader(data_dir: str | Path, split: str, batch_size: int, device: str |
     strides. labels: int64 (N,). `augment` (e.g. BatchAugment) runs on the device before the
     normalisation. train=True: seeded random order, drop_last; else sequential, nothing
     dropped. distributed (default: whether torch.distributed is initialised) gives this rank
-    a disjoint shard. subset > 0 keeps the first `subset` samples.
+    a disjoint shard. subset > 0 keeps the first `subset` samples; `indices` keeps exactly
+    those samples (e.g. range(rank, n, world) for an evaluation shard without the padding that
+    distributed=True adds).
     """
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}.")
@@ -93,7 +97,9 @@ def make_loader(data_dir: str | Path, split: str, batch_size: int, device: str |
         image.append(ModuleWrapper(_OnDevice(nn.Sequential(*stages).to(device), device)))
     label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
     count = meta["counts"][split]
-    indices = np.arange(min(subset, count)) if subset else None
+    if indices is None and subset:
+        indices = range(min(subset, count))
+    indices = None if indices is None else np.asarray(indices, dtype=np.int64)
     with keep_torch_threads():
         return Loader(str(Path(data_dir) / f"{split}.beton"), batch_size=batch_size,
                       num_workers=num_workers, os_cache=os_cache,

@@ -1,14 +1,15 @@
 """The per-worker training loop that Ray Train runs on every DDP rank.
 
-One step, end to end:  FFCV batch (normalised, on this rank's device) -> per-sample augmentation
--> Mollifier (noise / blur + coupled label smoothing) -> model (bf16 autocast on CUDA) ->
-soft-label cross-entropy -> SGD.  After every epoch the rank-sharded evaluation on the clean test
+One step, end to end:  FFCV batch on this rank's device, augmented per sample and normalised
+inside the loader's pipeline -> MixUp/CutMix (optional) -> Mollifier (noise / blur + coupled
+label smoothing) -> model (bf16 autocast on CUDA) -> soft-label cross-entropy -> SGD.  After every epoch the rank-sharded evaluation on the clean test
 set and on the 4 held-out validation corruptions is all-reduced, and rank 0 reports the metrics
 with a checkpoint.
 """
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from raymoll.checkpoint import load_checkpoint, save_checkpoint
 from raymoll.config import Config, from_dict, to_dict
 from raymoll.corruptions import VALIDATION_CORRUPTIONS, corrupt
-from raymoll.data import BatchAugment, load_split, make_loader, normalizer, read_meta
+from raymoll.data import BatchAugment, batch_mix, load_split, make_loader, normalizer, read_meta
 from raymoll.inference import autocast, score
 from raymoll.metrics import MetricAccumulator
 from raymoll.models import build_model
@@ -41,11 +42,20 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def crash_once(run_folder: str) -> None:
+    """The fault-tolerance drill (run.fault_epoch, run.fault_step): exit this process abruptly,
+    as a lost node would, unless this run folder has seen the drill already."""
+    marker = os.path.join(run_folder, "fault_drill_done")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        print("[raymoll] fault drill: worker exits now", flush=True)
+        os._exit(1)
+
+
 def validation_sets(cfg: Config, data_dir: str, rank: int, world: int) -> dict:
     """This rank's share of the fixed validation subset: clean and the 4 validation corruptions
     at `eval.val_severity`, made once with a fixed seed (identical on every rank)."""
-    images, labels = load_split(data_dir, "test")
-    images, labels = images[:cfg.eval.val_subset], labels[:cfg.eval.val_subset]
+    images, labels = load_split(data_dir, "test", subset=cfg.eval.val_subset)
     generator = torch.Generator().manual_seed(cfg.eval.seed)
     sets = {name: corrupt(images, name, cfg.eval.val_severity, generator=generator)
             for name in VALIDATION_CORRUPTIONS}
@@ -76,23 +86,20 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     meta = read_meta(cfg.data.path)
-    num_classes, image_size = meta["num_classes"], meta["image_size"]
+    num_classes, image_size = meta["num_classes"], meta["image_size"][0]  # square: read_meta checks
 
-    threads = torch.get_num_threads()  # FFCV resets the thread count; keep ours
     train_loader = make_loader(cfg.data.path, "train", cfg.data.batch_size, device, train=True,
                                num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-                               subset=cfg.data.train_subset, os_cache=cfg.data.os_cache)
-    n_test = meta["counts"]["test"] if not cfg.data.test_subset else cfg.data.test_subset
+                               subset=cfg.data.train_subset, os_cache=cfg.data.os_cache,
+                               augment=BatchAugment(cfg.data.augment))
+    n_test = cfg.data.test_subset or meta["counts"]["test"]
     test_loader = make_loader(cfg.data.path, "test", cfg.data.eval_batch_size, device,
                               train=False, num_workers=cfg.data.num_workers, normalize=False,
-                              indices=list(range(rank, n_test, world)),
+                              distributed=False, indices=range(rank, n_test, world),
                               os_cache=cfg.data.os_cache)
-    torch.set_num_threads(threads)
     normalize = normalizer(meta).to(device)
     val_sets = validation_sets(cfg, cfg.data.path, rank, world)
-
-    augment = BatchAugment(cfg.data.augment, mixup_alpha=cfg.data.mixup_alpha,
-                           cutmix_alpha=cfg.data.cutmix_alpha, num_classes=num_classes).to(device)
+    mix = batch_mix(num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha)  # None when off
     mollifier = Mollifier(cfg.mollify, image_size=image_size, num_classes=num_classes).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + rank)
     model = build_model(cfg.model.name, num_classes, width=cfg.model.width)
@@ -108,6 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total, warmup))
 
+    fault_at = (cfg.run.fault_epoch, cfg.run.fault_step) if rank == 0 else None
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume: the worker group was (re)started after a failure or by Tune
@@ -129,11 +137,14 @@ def train_loop_per_worker(config: dict) -> None:
         loss_sum = torch.zeros((), device=device)
         first_bad_step = torch.full((), -1, device=device)
         for step, (x, y) in enumerate(train_loader):
-            x, y = augment(x, y)
+            if mix is not None:
+                x, y = mix(x, y)
             x, y = mollifier(x, y, generator=generator)
             with autocast(device, cfg.optim.bf16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
+            if fault_at == (epoch + 1, step + 1):
+                crash_once(ctx.get_storage().experiment_fs_path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -150,6 +161,12 @@ def train_loop_per_worker(config: dict) -> None:
                         f"{cfg.model.name}, mollify {to_dict(cfg.mollify)}); the last good "
                         f"checkpoint is kept. Lower optim.lr or check the data.")
 
+        # DDP broadcasts BatchNorm running stats from rank 0 only at the start of each forward,
+        # so each rank ends the epoch with its own; evaluate everywhere with rank 0's, which
+        # are the ones the checkpoint keeps.
+        if world > 1:
+            for buffer in bare_model.buffers():
+                dist.broadcast(buffer, src=0)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch,
                    "lr": scheduler.get_last_lr()[0]}
         metrics |= evaluate_epoch(bare_model, test_loader, val_sets, normalize, cfg)
