@@ -12,6 +12,10 @@ import sys
 from raymoll.config import ConfigError, help_text, load_config
 
 
+class TrainingFailed(RuntimeError):
+    """A run that started but failed (a worker error, NaN loss, ...): exit 1, no traceback."""
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from raymoll.data import prepare
     out = prepare(args.dataset, args.out, root=args.root, image_format=args.format,
@@ -23,10 +27,15 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on a bad value
     from raymoll.data import read_meta
     read_meta(cfg.data.path)
+    import ray.train
     from raymoll.runtime import init_ray
     from raymoll.train import fit, summary
     init_ray()
-    print(summary(fit(cfg)))
+    try:
+        result = fit(cfg)
+    except ray.train.TrainingFailedError as err:
+        raise TrainingFailed(f"training failed: {err}") from None
+    print(summary(result))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -138,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"raymoll {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingFailed as err:
+        print(f"raymoll {args.verb}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,6 +1,7 @@
 """The TorchTrainer around the per-worker loop, and `fit` for `raymoll train`."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,14 @@ def storage_path(path: str) -> str:
 
 
 def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None = None) -> TorchTrainer:
-    """A TorchTrainer for `cfg`: workers, failure handling and checkpoints from `cfg.run`."""
+    """A TorchTrainer for `cfg`: workers, failure handling and checkpoints from `cfg.run`.
+
+    A relative data.path is made absolute here: Ray workers do not share the driver's working
+    directory. (On a multi-node cluster, data.path must name storage every node can read.)
+    """
+    if "://" not in cfg.data.path:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, path=os.path.abspath(cfg.data.path)))
     worker = {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
     return TorchTrainer(
         train_loop_per_worker,
