@@ -1,0 +1,312 @@
+"""cluster.yaml and the cluster workflow of the README.
+
+Offline: cluster.yaml passes Ray's own cluster-config validation (what `ray up` checks before it
+calls a cloud) and sets nodes up with exactly the steps of run.sh. With Ray: a head started with
+Ray's fake multi-node provider, whose node types mirror cluster.yaml, gets a `ray job submit` of
+jobs/train.py (token authentication on) that needs more CPUs than the head has; the autoscaler
+adds a worker node, the job writes its checkpoint, and the node is removed once idle.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from raymoll.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray CLI, like the cluster's
+INSTALL = re.compile(r"apt-get|pip install|-m venv")  # what makes a run.sh command a set-up step
+
+
+def load_cluster() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def code_dir(cfg: dict) -> str:
+    """Where file_mounts puts this repository on every node."""
+    return next(remote for remote, local in cfg["file_mounts"].items() if local == ".")
+
+
+def simple_commands(line: str) -> list[list[str]]:
+    """The simple commands of one shell line, without `sudo`/`env`/`VAR=value` prefixes."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for token in [*lexer, ";"]:
+        if token in ("{", "}") or set(token) <= set("();<>|&"):
+            while current and (current[0] in ("as_root", "sudo", "env") or "=" in current[0]):
+                current.pop(0)
+            if current:
+                commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    return commands
+
+
+def run_sh_install_steps() -> list[list[str]]:
+    """run.sh's install commands (apt-get, venv, pip), its bash arrays expanded; on a new node
+    every apt package is missing."""
+    text = (REPO / "run.sh").read_text()
+    arrays = {name: shlex.split(body, comments=True)
+              for name, body in re.findall(r"^(\w+)=\(([^)]*)\)", text, flags=re.M)}
+    arrays["missing"] = arrays["APT_PACKAGES"]
+    steps = []
+    for line in text.splitlines():
+        line = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: shlex.join(arrays[m.group(1)]), line)
+        steps += [c for c in simple_commands(line.split("#")[0])
+                  if c[0] != "echo" and INSTALL.search(shlex.join(c))]
+    return steps
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    validate_config(prepare_config(load_cluster()))
+
+
+def test_head_runs_no_training_and_gpu_workers_autoscale_from_zero():
+    cfg = load_cluster()
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and head["resources"].get("GPU", 0) == 0
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    assert len(workers) >= 2  # one type for single-GPU trials, one for multi-GPU DDP
+    for name, t in workers.items():
+        assert t["min_workers"] == 0 < t["max_workers"] <= cfg["max_workers"], name
+    assert cfg["idle_timeout_minutes"] > 0
+
+
+def test_setup_commands_run_the_steps_of_run_sh():
+    cfg = load_cluster()
+    steps = run_sh_install_steps()
+    assert len(steps) >= 6, steps  # apt update + install, venv, torch, raymoll, extras
+    commands = [c for line in cfg["setup_commands"] for c in simple_commands(line)]
+    positions = []
+    for step in steps:
+        assert step in commands, f"cluster.yaml's setup_commands lack run.sh's {shlex.join(step)}"
+        positions.append(commands.index(step))
+    assert positions == sorted(positions), "setup_commands run run.sh's steps in another order"
+    # run.sh runs them in the repository: so must the nodes, in the code that file_mounts syncs.
+    for line in cfg["setup_commands"]:
+        if re.search(r"\.venv/bin/pip|-m venv", line):
+            assert line.startswith(f"cd {code_dir(cfg)} && "), line
+
+
+def test_ray_runs_from_the_venv_with_token_auth_and_a_loopback_dashboard():
+    cfg = load_cluster()
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+              if " start " in c]
+    assert len(starts) == 2
+    for command in starts:
+        assert f"{code_dir(cfg)}/.venv/bin/ray start" in command
+        assert "RAY_AUTH_MODE=token" in command
+    head = next(c for c in cfg["head_start_ray_commands"] if " start " in c)
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+
+
+def test_readme_cluster_section_matches_cluster_yaml():
+    readme = REPO / "README.md"
+    section = re.search(r"^## On a cluster\n(.*?)(?=^## |\Z)",
+                        readme.read_text() if readme.exists() else "", flags=re.M | re.S)
+    if section is None:
+        pytest.skip("README.md has no 'On a cluster' section yet")
+    text = section.group(1)
+    cfg = load_cluster()
+    for name, t in cfg["available_node_types"].items():  # the node-type table's rows
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{name}` |")), "")
+        assert row, f"README's node-type table lacks {name}"
+        if name != cfg["head_node_type"]:
+            assert f"| {t['min_workers']}-{t['max_workers']} |" in row, row
+    for path in set(re.findall(r"\bjobs/[\w/]+\.(?:py|yaml)", text)):
+        assert (REPO / path).exists(), f"README names {path}, which does not exist"
+    assert "ray up cluster.yaml" in text and "ray down cluster.yaml" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoscaling on one machine: Ray's fake multi-node provider
+
+# Fake resources per worker type of cluster.yaml (there they are read from the instance type).
+FAKE_RESOURCES = {"gpu1": {"CPU": 2, "GPU": 1}, "gpu8": {"CPU": 8, "GPU": 8}}
+IDLE_TIMEOUT_MINUTES = 0.25
+
+
+def fake_cluster_config(gcs_address: str) -> dict:
+    """cluster.yaml's node types for the fake_multinode provider; every field spelled out,
+    because the wheel lacks that provider's defaults file."""
+    real = load_cluster()
+    head_type = "ray.head.default"  # the only head type name the fake provider knows
+    assert real["head_node_type"] == head_type
+    types = {head_type: {"resources": real["available_node_types"][head_type]["resources"],
+                         "node_config": {}, "min_workers": 0, "max_workers": 0}}
+    for name, t in real["available_node_types"].items():
+        if name != head_type:
+            types[name] = {"resources": FAKE_RESOURCES[name], "node_config": {},
+                           "min_workers": t["min_workers"], "max_workers": t["max_workers"]}
+    return {
+        "cluster_name": "raymoll-fake", "max_workers": 2,  # 2 cores here
+        "upscaling_speed": 1.0, "idle_timeout_minutes": IDLE_TIMEOUT_MINUTES,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "gcs_address": gcs_address},
+        "auth": {}, "docker": {}, "available_node_types": types, "head_node_type": head_type,
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+def test_fake_cluster_mirrors_cluster_yaml_and_is_valid():
+    from ray.autoscaler._private.util import validate_config
+    real = load_cluster()
+    fake = fake_cluster_config("127.0.0.1:6379")
+    assert fake["available_node_types"].keys() == real["available_node_types"].keys()
+    validate_config(fake)  # every field is given: nothing for prepare_config to fill in
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def ray_env(token_path: Path, **extra: str) -> dict:
+    """This process's environment without any Ray settings of its own, plus token auth."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # The venv first on PATH, as cluster.yaml sets it: a job's `python` must be the venv's.
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), **extra)
+    return env
+
+
+def nodes(dashboard: str, token: str) -> list[dict]:
+    """Every node the cluster has seen (alive and dead), from the state API."""
+    request = urllib.request.Request(f"{dashboard}/api/v0/nodes?limit=100&detail=true",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)["data"]["result"]["result"]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def submit_job(dashboard: str, env: dict, *entrypoint: str) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo>` as the README runs it; waits for the job to end.
+
+    Retried while the head's job agent is still starting (Ray answers "try again later").
+    """
+    for _ in range(30):
+        job = subprocess.run([RAY, "job", "submit", f"--address={dashboard}",
+                              f"--working-dir={REPO}", "--", *entrypoint],
+                             env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in job.stderr:
+            return job
+        time.sleep(2)
+    return job
+
+
+def stop_ray(marker: str) -> None:
+    """Stop this test's Ray only (`ray stop` would stop every Ray on the machine, the test
+    session's embedded one included): every process whose environment carries `marker`, which
+    they all inherit from `ray start`, also those whose parent has exited."""
+    procs = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("RAYMOLL_TEST_CLUSTER") == marker:
+                procs.append(proc)
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=5)  # as `ray stop`: SIGTERM, then SIGKILL
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture
+def fake_cluster(tmp_path):
+    """A head with the fake multi-node provider and token auth; yields (dashboard URL, token,
+    client environment); stops this cluster's processes afterwards."""
+    temp_dir = Path("/tmp") / f"raymoll-{secrets.token_hex(4)}"  # Ray's socket paths must stay short
+    temp_dir.mkdir()
+    token = secrets.token_hex(32)
+    (tmp_path / "auth_token").write_text(token)
+    env = ray_env(tmp_path / "auth_token", RAYMOLL_TEST_CLUSTER=str(temp_dir))
+    gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
+    config = tmp_path / "fake_cluster.yaml"
+    config.write_text(yaml.safe_dump(fake_cluster_config(f"127.0.0.1:{gcs_port}")))
+    head = load_cluster()["available_node_types"]["ray.head.default"]["resources"]
+    try:
+        subprocess.run([RAY, "start", "--head", f"--num-cpus={head['CPU']}", "--num-gpus=0",
+                        f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+                        f"--ray-client-server-port={client_port}",
+                        f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp_dir}",
+                        f"--autoscaling-config={config}", "--disable-usage-stats"],
+                       env=env | {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+                       check=True, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{dashboard_port}", token, env
+    finally:
+        stop_ray(str(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_submitted_train_job_scales_a_fake_cluster_up_and_down(fake_cluster, fashion_mnist_dir,
+                                                               tmp_path):
+    dashboard, token, env = fake_cluster
+    assert [n["is_head_node"] for n in nodes(dashboard, token)] == [True]
+    with pytest.raises(urllib.error.HTTPError) as refused:  # token auth is on
+        nodes(dashboard, secrets.token_hex(32))
+    assert refused.value.code in (401, 403)
+
+    # 2 workers x 1 CPU: the head has none, so the job can only run on a node the autoscaler adds.
+    storage = tmp_path / "results"
+    job = submit_job(
+        dashboard, env, "python", "jobs/train.py", "--config", "jobs/configs/fashion_small.yaml",
+        f"data.path={fashion_mnist_dir}", "data.train_subset=2048", "data.test_subset=512",
+        "data.num_workers=1", "eval.val_subset=256", "optim.epochs=1", "model.width=8",
+        f"run.storage_path={storage}", "run.name=fake-cluster", "run.num_workers=2",
+        "run.cpus_per_worker=1")
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    printed = re.search(r"last checkpoint:\s+(\S+)", job.stdout)
+    assert printed and Path(printed.group(1)).is_relative_to(storage), job.stdout[-3000:]
+    assert load_checkpoint(printed.group(1))["epoch"] == 1
+
+    def workers_if_all_removed() -> list[dict]:
+        workers = [n for n in nodes(dashboard, token) if not n["is_head_node"]]
+        return workers if all(n["state"] == "DEAD" for n in workers) else []
+
+    workers = wait_for(workers_if_all_removed, IDLE_TIMEOUT_MINUTES * 60 + 120,
+                       "a worker node that was added and then removed")
+    for node in workers:
+        assert {k: node["resources_total"].get(k, 0) for k in ("CPU", "GPU")} in FAKE_RESOURCES.values()
+        assert "autoscaler" in node["state_message"]  # removed as idle, not lost
