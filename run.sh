@@ -2,6 +2,7 @@
 # The two entry points of the README, each doing all set-up itself (idempotent):
 #   ./run.sh demo [raymoll demo options]   the main job: the whole story on an embedded Ray, offline
 #   ./run.sh test [pytest options]         the test suite
+#   ./run.sh setup                         set-up only (cluster.yaml's nodes run this)
 # Set-up: Debian packages with apt (root or sudo), a virtualenv at .venv, raymoll installed into it.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -46,5 +47,7 @@ export RAY_TRAIN_ENABLE_PRINT_PATCH=0
 case "${1:-}" in
   demo) shift; exec .venv/bin/raymoll demo "$@" ;;
   test) shift; exec .venv/bin/python -m pytest "$@" ;;
-  *) echo "usage: ./run.sh demo [options] | ./run.sh test [pytest options]" >&2; exit 2 ;;
+  setup) echo "[setup] done: .venv/bin/raymoll is ready" ;;
+  *) echo "usage: ./run.sh demo [options] | ./run.sh test [pytest options] | ./run.sh setup" >&2
+     exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 """cluster.yaml and the cluster workflow of the README.
 
 Offline: cluster.yaml passes Ray's own cluster-config validation (what `ray up` checks before it
-calls a cloud) and sets nodes up with exactly the steps of run.sh. With Ray: a head started with
+calls a cloud) and sets nodes up with run.sh, the README's own set-up script. With Ray: a head started with
 Ray's fake multi-node provider, whose node types mirror cluster.yaml, gets a `ray job submit` of
 jobs/train.py (token authentication on) that needs more CPUs than the head has; the autoscaler
 adds a worker node, the job writes its checkpoint, and the node is removed once idle.
@@ -13,7 +13,6 @@ import json
 import os
 import re
 import secrets
-import shlex
 import shutil
 import socket
 import subprocess
@@ -31,7 +30,6 @@ from raymoll.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray CLI, like the cluster's
-INSTALL = re.compile(r"apt-get|pip install|-m venv")  # what makes a run.sh command a set-up step
 
 
 def load_cluster() -> dict:
@@ -41,38 +39,6 @@ def load_cluster() -> dict:
 def code_dir(cfg: dict) -> str:
     """Where file_mounts puts this repository on every node."""
     return next(remote for remote, local in cfg["file_mounts"].items() if local == ".")
-
-
-def simple_commands(line: str) -> list[list[str]]:
-    """The simple commands of one shell line, without `sudo`/`env`/`VAR=value` prefixes."""
-    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    commands, current = [], []
-    for token in [*lexer, ";"]:
-        if token in ("{", "}") or set(token) <= set("();<>|&"):
-            while current and (current[0] in ("as_root", "sudo", "env") or "=" in current[0]):
-                current.pop(0)
-            if current:
-                commands.append(current)
-            current = []
-        else:
-            current.append(token)
-    return commands
-
-
-def run_sh_install_steps() -> list[list[str]]:
-    """run.sh's install commands (apt-get, venv, pip), its bash arrays expanded; on a new node
-    every apt package is missing."""
-    text = (REPO / "run.sh").read_text()
-    arrays = {name: shlex.split(body, comments=True)
-              for name, body in re.findall(r"^(\w+)=\(([^)]*)\)", text, flags=re.M)}
-    arrays["missing"] = arrays["APT_PACKAGES"]
-    steps = []
-    for line in text.splitlines():
-        line = re.sub(r'"\$\{(\w+)\[@\]\}"', lambda m: shlex.join(arrays[m.group(1)]), line)
-        steps += [c for c in simple_commands(line.split("#")[0])
-                  if c[0] != "echo" and INSTALL.search(shlex.join(c))]
-    return steps
 
 
 def test_cluster_yaml_passes_ray_validation():
@@ -92,20 +58,12 @@ def test_head_runs_no_training_and_gpu_workers_autoscale_from_zero():
     assert cfg["idle_timeout_minutes"] > 0
 
 
-def test_setup_commands_run_the_steps_of_run_sh():
+def test_nodes_set_up_with_the_readmes_own_script():
     cfg = load_cluster()
-    steps = run_sh_install_steps()
-    assert len(steps) >= 6, steps  # apt update + install, venv, torch, raymoll, extras
-    commands = [c for line in cfg["setup_commands"] for c in simple_commands(line)]
-    positions = []
-    for step in steps:
-        assert step in commands, f"cluster.yaml's setup_commands lack run.sh's {shlex.join(step)}"
-        positions.append(commands.index(step))
-    assert positions == sorted(positions), "setup_commands run run.sh's steps in another order"
-    # run.sh runs them in the repository: so must the nodes, in the code that file_mounts syncs.
-    for line in cfg["setup_commands"]:
-        if re.search(r"\.venv/bin/pip|-m venv", line):
-            assert line.startswith(f"cd {code_dir(cfg)} && "), line
+    # The same idempotent script as the README's two commands, run in the synced repository.
+    assert cfg["setup_commands"][0] == f"cd {code_dir(cfg)} && ./run.sh setup"
+    assert "setup)" in (REPO / "run.sh").read_text()  # run.sh has the set-up-only verb
+    assert code_dir(cfg) in cfg["file_mounts"]
 
 
 def test_ray_runs_from_the_venv_with_token_auth_and_a_loopback_dashboard():
