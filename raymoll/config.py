@@ -66,7 +66,7 @@ class OptimConfig:
     nesterov: bool = _field(False, "Nesterov momentum")
     warmup_epochs: float = _field(0.0, "linear warm-up before the cosine decay", low=0.0)
     bf16: bool = _field(True, "bf16 autocast on CUDA (ignored on CPU)")
-    compile: bool = _field(False, "torch.compile the model and mollifier")
+    compile: bool = _field(False, "torch.compile the model (worth it on GPUs)")
 
 
 @dataclass

@@ -107,6 +107,8 @@ def train_loop_per_worker(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
     bare_model = model.module if hasattr(model, "module") else model
+    if cfg.optim.compile:
+        model = torch.compile(model)  # the mollifier stays eager: its generator breaks graphs
 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
