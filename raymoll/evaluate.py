@@ -152,8 +152,8 @@ def _local_device(device: torch.device | None) -> torch.device:
 def _ray_gpus() -> float:
     """GPUs of the Ray cluster this process belongs to: RAY_ADDRESS, or a Ray initialised
     here. 0 when neither, so a local evaluation does not start Ray at all."""
-    ray = sys.modules.get("ray")
-    if not os.environ.get("RAY_ADDRESS") and not (ray and ray.is_initialized()):
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if not (os.environ.get("RAY_ADDRESS") or running):
         return 0.0
     from raymoll.runtime import init_ray
     init_ray()
@@ -167,7 +167,7 @@ def _in_process(sets: list[EvalSet], scorer: SetScorer,
         yield spec, scorer(spec, official(spec))
 
 
-_WORKER_SCORER: dict[str, SetScorer] = {}  # per Ray worker process: the scorer of the current evaluation
+_WORKER_SCORER: dict[str, SetScorer] = {}  # per Ray worker process: the current evaluation's
 
 
 def _score_on_worker(shared: list, spec: EvalSet,
@@ -178,7 +178,9 @@ def _score_on_worker(shared: list, spec: EvalSet,
     key = shared[0].hex()  # the ref arrives wrapped in a list so Ray does not resolve it per task
     if key not in _WORKER_SCORER:
         _WORKER_SCORER.clear()
-        _WORKER_SCORER[key] = SetScorer(**ray.get(shared[0]), device="cuda")
+        # Ray sets CUDA_VISIBLE_DEVICES to this task's GPU; the CPU keeps fake-GPU clusters working.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _WORKER_SCORER[key] = SetScorer(**ray.get(shared[0]), device=device)
     return _WORKER_SCORER[key](spec, official).state().cpu()
 
 

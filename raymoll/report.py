@@ -80,8 +80,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     """A Markdown table of `rows` (e.g. from `headline`): accuracies as percentages, other
     numbers to 4 decimals; `columns` picks and orders keys (default: the headline columns)."""
     columns = list(columns or HEADLINE_COLUMNS)
+    align = ["---" if c in ("run", "model", "mollified") else "---:" for c in columns]
     lines = ["| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |",
-             "|" + "|".join("---" if c in ("run", "model", "mollified") else "---:" for c in columns) + "|"]
+             "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(_cell(c, row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
