@@ -42,7 +42,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from raymoll.evaluate import evaluate
     out = evaluate(args.checkpoint, args.data, corruptions_dir=args.corruptions, out=args.out,
                    severities=args.severities, seed=args.seed, batch_size=args.batch_size,
-                   device=args.device, run=args.run)
+                   device=args.device, run=args.run, subset=args.subset)
     print(f"wrote {out}")
 
 
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--run", default=None, help="run name in the table (default: from checkpoint)")
+    p.add_argument("--subset", type=int, default=0,
+                   help="score only the first N test images of each set (0 = all)")
     p.set_defaults(func=_evaluate)
 
     p = verbs.add_parser("report", help="plots + summary.md from results Parquet files")

@@ -97,8 +97,8 @@ class SetScorer:
 OfficialSource = Callable[[EvalSet], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
-def _official_source(corruptions_dir: str | Path | None, meta: dict,
-                     severities: Sequence[int]) -> tuple[OfficialSource, list[str]]:
+def _official_source(corruptions_dir: str | Path | None, meta: dict, severities: Sequence[int],
+                     subset: int = 0) -> tuple[OfficialSource, list[str]]:
     """Check the -C folder (all 15 test corruptions required, the validation ones optional);
     returns the reader of one set (None: generate it) and the names read from the folder."""
     if corruptions_dir is None:
@@ -112,7 +112,8 @@ def _official_source(corruptions_dir: str | Path | None, meta: dict,
     def source(spec: EvalSet) -> tuple[torch.Tensor, torch.Tensor] | None:
         if spec.corruption not in names:
             return None
-        return read_corrupted(root, spec.corruption, spec.severity, meta["class_names"])
+        images, labels = read_corrupted(root, spec.corruption, spec.severity, meta["class_names"])
+        return (images[:subset], labels[:subset]) if subset else (images, labels)
 
     # One set read in full before any model work: the files must fit the data and the model.
     images, _ = source(EvalSet(names[0], FAMILIES[names[0]], severities[0]))
@@ -225,12 +226,13 @@ def _progress(done: int, total: int, spec: EvalSet, metrics: dict[str, float],
 def evaluate(checkpoint: str | Path, data_dir: str | Path,
              corruptions_dir: str | Path | None = None, out: str | Path | None = None,
              severities: Sequence[int] = SEVERITIES, seed: int = 0, batch_size: int = 500,
-             device: str | None = None, run: str | None = None) -> Path:
+             device: str | None = None, run: str | None = None, subset: int = 0) -> Path:
     """Score `checkpoint` on the test split of the prepared folder `data_dir`, clean and
     corrupted, and write the results table (raymoll.results) to `out`; returns its path.
 
     out defaults to <data_dir>/../results/<run>.parquet; run defaults to the checkpoint's
-    run.name. Everything is checked before the model runs: a bad argument, data folder,
+    run.name. subset > 0 scores only the first `subset` test images of every set (quick looks,
+    the demo). Everything is checked before the model runs: a bad argument, data folder,
     checkpoint (class count, image size) or -C folder raises and leaves `out` untouched.
     """
     severities = list(severities)
@@ -244,7 +246,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
     run = run or cfg["run"]["name"]
     out = Path(out) if out else Path(data_dir).resolve().parent / "results" / f"{run}.parquet"
     device = _check_args(severities, device, out)
-    official, official_names = _official_source(corruptions_dir, meta, severities)
+    official, official_names = _official_source(corruptions_dir, meta, severities, subset)
 
     # The sets fan out over a Ray cluster's GPUs unless the CPU was asked for; the driver
     # itself may sit on a CPU-only head node.
@@ -252,7 +254,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
     if not gpus:
         device = _local_device(device)
 
-    images, labels = load_split(data_dir, "test")
+    images, labels = load_split(data_dir, "test", subset=subset)
     if (gpus or device.type == "cuda") and cfg["model"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     scorer_kwargs = {"model": model, "normalize": normalizer(meta), "images": images,
@@ -273,7 +275,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
               "dataset": meta["dataset"], "model": cfg["model"]["name"],
               "mollified": cfg["mollify"]["enabled"]}
     settings = {"checkpoint": common["checkpoint"], "data": str(Path(data_dir).resolve()),
-                "seed": seed, "severities": severities,
+                "seed": seed, "severities": severities, "subset": subset,
                 "corruptions": str(Path(corruptions_dir).resolve()) if corruptions_dir
                 else "generated", "official_corruptions": official_names,
                 "epoch": state.get("epoch"), "mollify": cfg["mollify"], "config": cfg}

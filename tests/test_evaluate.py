@@ -163,6 +163,17 @@ def test_official_corruptions_are_read_block_by_block(tmp_path, data_dir, checkp
     assert sorted(settings["official_corruptions"]) == sorted(with_files)
 
 
+def test_subset_scores_the_first_images_of_every_set(tmp_path, data_dir, checkpoint):
+    torch.set_num_threads(1)
+    out = evaluate(checkpoint, data_dir, out=tmp_path / "r.parquet", severities=[3],
+                   subset=5, seed=7, device="cpu")
+    frame = pd.read_parquet(out)
+    assert len(frame) == 1 + 19 and (frame["n"] == 5).all()
+    images, labels = load_split(data_dir, "test", subset=5)
+    expected = direct_metrics(checkpoint, data_dir, images, labels)
+    assert row(frame, "clean", 0)["nll"] == pytest.approx(expected["nll"], rel=1e-5)
+
+
 def test_incomplete_c_folder_fails_before_work_and_keeps_the_old_output(tmp_path, data_dir,
                                                                         checkpoint):
     root = fake_c_folder(tmp_path / "c", [n for n in CORRUPTIONS if n != "frost"], 32)
