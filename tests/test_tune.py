@@ -1,8 +1,12 @@
 """The search space (no Ray) and, marked `ray`, searches on a real local Ray."""
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from ray import tune
 
 from raymoll.cli import main
 from raymoll.config import Config, ConfigError, MollifyConfig, from_dict, load_config, to_dict
@@ -152,3 +156,92 @@ def test_cli_rejects_a_bad_space_before_ray(tmp_path, capsys):
                       "tune:\n  space:\n    mollify.t_beta: {type: uniform, low: 9, high: 1}\n")
     assert main(["tune", "--config", str(config)]) == 2
     assert "tune.space['mollify.t_beta']: low = 9" in capsys.readouterr().err
+
+
+# --- searches on a real local Ray -------------------------------------------------------------
+
+EPOCHS = 3
+GOOD_LR, BAD_LR = 0.05, 1e-5  # written 1.0e-5 in YAML
+
+
+class InterruptAfter(tune.Callback):
+    """Ctrl-C for a search: SIGUSR1 (Tune saves its state and returns) once `n` trials have
+    completed. The ids of those go into `marker`, whose existence also keeps the copy of this
+    callback that a resumed search restores from firing again."""
+
+    def __init__(self, n: int, marker: Path):
+        self.n, self.marker, self.completed = n, marker, []
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.completed.append(trial.trial_id)
+        if len(self.completed) == self.n and not self.marker.exists():
+            self.marker.write_text("\n".join(self.completed))
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.fixture(scope="module")
+def interrupted_search(ray_local, fashion_mnist_dir, tmp_path_factory):
+    """4 trials, 2 at a time: one good learning rate, then three that barely learn, so ASHA
+    (grace 1 epoch, reduction factor 2) stops a bad one at epoch 1 whichever reports first.
+    Interrupted once 3 trials completed, then resumed."""
+    from raymoll.tune import run_search
+    out = tmp_path_factory.mktemp("tune")
+    cfg = load_config(CONFIGS / "fashion_tune.yaml", [
+        f"data.path={fashion_mnist_dir}", "data.train_subset=1024", "data.test_subset=256",
+        "data.batch_size=32", "data.num_workers=1", "eval.val_subset=128", "model.width=8",
+        f"optim.epochs={EPOCHS}", f"run.storage_path={out}", "run.name=search",
+        # Ray Train's placement groups of trials that ASHA stops are freed by a helper that
+        # needs the dashboard (absent here): small worker CPUs keep any leak from blocking.
+        "run.cpus_per_worker=0.25", "tune.trial_cpus=0.5", "tune.max_concurrent=2",
+        "tune.num_samples=1", "tune.objective={val_accuracy: 1.0}",
+        "tune.space={optim.lr: {type: grid, values: [0.05, 1.0e-5, 1.0e-5, 1.0e-5]},"
+        " clean_fraction: {type: uniform, low: 0.2, high: 0.5}}"])
+    marker = out / "interrupted"
+    first = run_search(cfg, callbacks=[InterruptAfter(3, marker)])
+    first_trials = pd.read_parquet(first.trials)
+    second = run_search(cfg, resume=True)
+    return cfg, first, first_trials, marker.read_text().split(), second
+
+
+@pytest.mark.ray
+def test_search_stops_early_and_writes_trials_and_a_trainable_best_config(interrupted_search,
+                                                                          tmp_path):
+    from raymoll.train import fit
+    cfg, _, _, _, result = interrupted_search
+    trials = pd.read_parquet(result.trials)
+    last = trials.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
+    assert len(last) == 4
+    assert (last["epoch"] < EPOCHS).sum() >= 1            # ASHA stopped at least one early
+    assert (last["epoch"] == EPOCHS).sum() >= 1
+    assert set(last["trial_status"]) <= {"completed", "stopped"}
+    assert (last["trial_status"] == "stopped").sum() == (last["epoch"] < EPOCHS).sum()
+    assert (trials["config/mollify.p_clean"] == trials["config/clean_fraction"]).all()
+    assert sorted(last["config/optim.lr"]) == sorted([GOOD_LR] + 3 * [BAD_LR])
+    # best.yaml is the trial with the best final metric, and it trains
+    best_id = last["val_score"].idxmax()
+    best = load_config(result.best_config, [f"run.storage_path={tmp_path}", "optim.epochs=1"])
+    assert best.run.name == "search-best"
+    assert best.optim.lr == last.loc[best_id, "config/optim.lr"]
+    assert best.mollify.p_clean == pytest.approx(last.loc[best_id, "config/clean_fraction"])
+    trained = fit(best)
+    assert trained.metrics["epoch"] == 1 and trained.last_checkpoint
+
+
+@pytest.mark.ray
+def test_interrupted_search_resumes_without_rerunning_finished_trials(interrupted_search):
+    _, first, first_trials, completed, second = interrupted_search
+    assert not first.finished and first.best_config is None
+    assert second.finished and Path(second.best_config).is_file()
+    assert len(completed) == 3
+    assert set(first_trials.loc[~first_trials["trial_id"].isin(completed), "trial_status"]) == {
+        "unfinished"}
+    trials = pd.read_parquet(second.trials)
+    assert trials["trial_id"].nunique() == 4
+    columns = ["trial_id", "epoch", "val_score", "timestamp"]
+    for trial_id in completed:  # the same rows, reported once, before the interruption
+        before = first_trials.loc[first_trials["trial_id"] == trial_id, columns]
+        after = trials.loc[trials["trial_id"] == trial_id, columns]
+        pd.testing.assert_frame_equal(before.reset_index(drop=True), after.reset_index(drop=True),
+                                      check_dtype=False)
+    resumed = trials[~trials["trial_id"].isin(completed)]
+    assert resumed["epoch"].max() == EPOCHS and resumed["epoch"].is_unique

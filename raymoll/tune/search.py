@@ -27,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from raymoll.config import Config, ConfigError, from_dict, to_dict
 from raymoll.train.trainer import build_trainer, storage_path
-from raymoll.tune.space import (apply_point, check_space, expected_trials, metric_mode,
+from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
 
 DOMAINS = {"uniform": lambda s: tune.uniform(s["low"], s["high"]),
@@ -36,6 +36,7 @@ DOMAINS = {"uniform": lambda s: tune.uniform(s["low"], s["high"]),
            "randint": lambda s: tune.randint(s["low"], s["high"]),
            "choice": lambda s: tune.choice(s["values"]),
            "grid": lambda s: tune.grid_search(s["values"])}
+DONE = {"TERMINATED", "ERROR"}  # Tune trial statuses that --resume leaves alone
 
 
 @dataclass
@@ -90,12 +91,14 @@ def max_concurrent(cfg: Config) -> int:
 
 def _new_tuner(cfg: Config, path: str, callbacks: list) -> tune.Tuner:
     t = cfg.tune
+    concurrent = max_concurrent(cfg)
     if t.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
-        searcher = OptunaSearch(seed=cfg.run.seed)  # TPE
-    else:
+        searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), concurrent)  # TPE
+    else:  # Tune's max_concurrent_trials ignores a BasicVariantGenerator passed in
         from ray.tune.search import BasicVariantGenerator
-        searcher = BasicVariantGenerator(random_state=cfg.run.seed)
+        searcher = BasicVariantGenerator(max_concurrent=concurrent, random_state=cfg.run.seed)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
                               grace_period=t.grace_period, reduction_factor=t.reduction_factor)
     return tune.Tuner(
@@ -104,7 +107,6 @@ def _new_tuner(cfg: Config, path: str, callbacks: list) -> tune.Tuner:
         tune_config=tune.TuneConfig(metric=t.metric, mode=metric_mode(t.metric),
                                     search_alg=searcher, scheduler=scheduler,
                                     num_samples=t.num_samples,
-                                    max_concurrent_trials=max_concurrent(cfg),
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=cfg.run.name, storage_path=os.path.dirname(path),
                                   callbacks=callbacks))
@@ -130,9 +132,12 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     else:
         tuner = _new_tuner(cfg, path, callbacks or [])
     grid = tuner.fit()
-    finished = grid.num_terminated + grid.num_errors == len(grid) == expected_trials(cfg.tune)
+    # The state a --resume would continue; the ResultGrid cannot tell an interrupted search,
+    # whose stopped trials it reports TERMINATED.
+    saved = {trial.trial_id: trial.status for trial in tune.ExperimentAnalysis(path).trials}
+    finished = len(saved) == expected_trials(cfg.tune) and set(saved.values()) <= DONE
 
-    table = trials_table(cfg, grid)
+    table = trials_table(cfg, grid, saved)
     trials = _write(os.path.join(path, "trials.parquet"), _parquet_bytes(table))
     print(ranking(cfg, table))
     if not finished:
@@ -154,22 +159,25 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     return SearchResult(path, True, trials, best_yaml, checkpoint, evaluation)
 
 
-def trials_table(cfg: Config, grid) -> pd.DataFrame:
-    """One row per trial and reported epoch: trial_id, trial_status (completed, stopped =
-    ended before optim.epochs, error), the searched values as config/<key>, and the metrics."""
+def trials_table(cfg: Config, grid, saved: dict[str, str]) -> pd.DataFrame:
+    """One row per trial and reported epoch: trial_id, trial_status (completed; stopped by
+    ASHA before optim.epochs; error; unfinished in an interrupted search), the searched values
+    as config/<key>, and the metrics. `saved`: trial id -> Tune status."""
     keys = list(cfg.tune.space) + [k for k in searched_keys(cfg.tune.space)
                                    if k not in cfg.tune.space]
     frames = []
     for result in grid:
         rows = result.metrics_dataframe
-        if rows is None or rows.empty:
-            rows = pd.DataFrame([{"trial_id": result.metrics.get("trial_id")}])
+        trial_id = os.path.basename(result.path).removeprefix("trial-")  # see trial_dirname
+        if rows is None or rows.empty:  # started, nothing reported yet
+            rows = pd.DataFrame([{"trial_id": trial_id}])
         rows = rows.drop(columns=[c for c in rows if c.startswith("config/")])
-        resolved = apply_point(cfg, result.config)
-        values = {key: reduce(getattr, key.split("."), resolved) for key in keys
-                  if key not in result.config} | result.config
+        resolved = apply_point(cfg, result.config)  # typed values (YAML may give '1e-5')
+        values = {key: result.config[key] if key in DERIVED else
+                  reduce(getattr, key.split("."), resolved) for key in keys}
         last_epoch = rows["epoch"].max() if "epoch" in rows else 0
-        status = ("error" if result.error else
+        status = ("error" if saved.get(trial_id) == "ERROR" else
+                  "unfinished" if saved.get(trial_id) not in DONE else
                   "completed" if last_epoch >= cfg.optim.epochs else "stopped")
         frames.append(rows.assign(trial_status=status,
                                   **{f"config/{k}": values[k] for k in keys}))
