@@ -40,7 +40,8 @@ def test_paper_defaults_are_a_point_of_the_default_space(path):
             value = PAPER_ROLES[key]
         else:  # mollify keys at MollifyConfig's (paper) defaults, others (optim.lr) as configured
             section, name = key.split(".")
-            value = getattr(MollifyConfig() if section == "mollify" else getattr(cfg, section), name)
+            source = MollifyConfig() if section == "mollify" else getattr(cfg, section)
+            value = getattr(source, name)
         if "values" in spec:
             assert value in spec["values"], key
         else:

@@ -45,9 +45,10 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="tune-bench-")
     cfg = load_config("jobs/configs/fashion_tune.yaml", [
         f"data.path={args.data}", "data.train_subset=1024", "data.test_subset=256",
-        "data.num_workers=1", "eval.val_subset=128", "model.width=8",
+        "data.batch_size=32", "data.num_workers=1", "eval.val_subset=128", "model.width=8",
         f"optim.epochs={args.epochs}", f"tune.num_samples={args.trials}",
-        f"run.storage_path={out}", "run.name=bench"])
+        "tune.max_concurrent=2", "run.cpus_per_worker=0.5", f"run.storage_path={out}",
+        "run.name=bench"])
     started = time.perf_counter()
     init_ray(num_cpus=args.cpus)
     ray_init = time.perf_counter() - started
@@ -63,8 +64,8 @@ def main() -> None:
                               "training_s": training})
     share = startup.sum() / (startup.sum() + training.sum())
     print(per_trial.to_string(float_format="%.1f"))
-    print(f"\nsearch of {len(per_trial)} trials: {wall:.1f} s wall, of it ray.init {ray_init:.1f} s;"
-          f" per trial start-up {startup.mean():.1f} s vs training {training.mean():.1f} s "
+    print(f"\nsearch of {len(per_trial)} trials: {wall:.1f} s wall, of it ray.init "
+          f"{ray_init:.1f} s; per trial start-up {startup.mean():.1f} s vs training {training.mean():.1f} s "
           f"(epoch {table['epoch_seconds'].mean():.1f} s)")
     print(f"start-up share of trial time: {share:.0%}  (target <= {TARGET_SHARE:.0%})")
 
