@@ -65,8 +65,8 @@ def main() -> None:
     share = startup.sum() / (startup.sum() + training.sum())
     print(per_trial.to_string(float_format="%.1f"))
     print(f"\nsearch of {len(per_trial)} trials: {wall:.1f} s wall, of it ray.init "
-          f"{ray_init:.1f} s; per trial start-up {startup.mean():.1f} s vs training {training.mean():.1f} s "
-          f"(epoch {table['epoch_seconds'].mean():.1f} s)")
+          f"{ray_init:.1f} s; per trial start-up {startup.mean():.1f} s vs training "
+          f"{training.mean():.1f} s (epoch {table['epoch_seconds'].mean():.1f} s)")
     print(f"start-up share of trial time: {share:.0%}  (target <= {TARGET_SHARE:.0%})")
 
 
