@@ -67,11 +67,6 @@ def _demo(args: argparse.Namespace) -> None:
              train_subset=args.train_subset, width=args.width)
 
 
-def _bench(args: argparse.Namespace) -> None:
-    from raymoll.bench import run_all
-    run_all(quick=args.quick, device=args.device)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raymoll", description="Robust, calibrated classifiers by data mollification "
@@ -132,10 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="train and evaluate on a GPU")
     p.set_defaults(func=_demo)
 
-    p = verbs.add_parser("bench", help="run every benchmark and print one table")
-    p.add_argument("--quick", action="store_true", help="fewer steps (rougher figures)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.set_defaults(func=_bench)
     return parser
 
 
