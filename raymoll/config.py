@@ -115,9 +115,11 @@ class RunConfig:
     num_to_keep: int = _field(2, "checkpoints kept (the best by clean accuracy is kept too)",
                               low=1)
     seed: int = _field(0, "seed for weights, data order and mollification", low=0)
-    fault_epoch: int = _field(0, "fault-tolerance drill: rank 0 exits abruptly in this epoch "
+    fault_epoch: int = _field(0, "fault-tolerance drill: rank 0 fails in this epoch "
                               "(1-based), once per run folder; 0 = off", low=0)
     fault_step: int = _field(1, "fault-tolerance drill: ... at this step of that epoch", low=1)
+    fault_kind: str = _field("exit", "fault-tolerance drill: exit = the process dies (a lost "
+                             "node); nan = the loss turns NaN", choices=("exit", "nan"))
 
 
 @dataclass

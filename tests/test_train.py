@@ -61,3 +61,17 @@ def test_checkpoint_reproduces_reported_accuracy(drilled_run, fashion_mnist_dir)
 
 def _checkpoints(result) -> list[str]:
     return [str(p) for p in Path(result.path).glob("checkpoint_*") if p.is_dir()]
+
+
+@pytest.mark.ray
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_local, fashion_mnist_dir,
+                                                                    tmp_path):
+    import ray.train
+    from raymoll.train import fit
+    cfg = load_config(CONFIG, TINY + [
+        f"data.path={fashion_mnist_dir}", f"run.storage_path={tmp_path}", "run.name=nan",
+        "run.fault_epoch=2", "run.fault_step=3", "run.fault_kind=nan", "data.train_subset=1024"])
+    with pytest.raises(ray.train.TrainingFailedError, match="non-finite at epoch 2, step 3"):
+        fit(cfg)
+    checkpoints = [p for p in (tmp_path / "nan").glob("checkpoint_*") if p.is_dir()]
+    assert [load_checkpoint(p)["epoch"] for p in checkpoints] == [1]

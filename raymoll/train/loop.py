@@ -42,14 +42,17 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def crash_once(run_folder: str) -> None:
-    """The fault-tolerance drill (run.fault_epoch, run.fault_step): exit this process abruptly,
-    as a lost node would, unless this run folder has seen the drill already."""
+def fail_once(loss: torch.Tensor, kind: str, run_folder: str) -> torch.Tensor:
+    """The fault-tolerance drill (run.fault_*), once per run folder: "exit" ends this process
+    abruptly, as a lost node would; "nan" returns a NaN loss."""
     marker = os.path.join(run_folder, "fault_drill_done")
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        print("[raymoll] fault drill: worker exits now", flush=True)
-        os._exit(1)
+    if os.path.exists(marker):
+        return loss
+    open(marker, "w").close()
+    if kind == "nan":
+        return loss * float("nan")
+    print("[raymoll] fault drill: worker exits now", flush=True)
+    os._exit(1)
 
 
 def validation_sets(cfg: Config, data_dir: str, rank: int, world: int) -> dict:
@@ -146,7 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             if fault_at == (epoch + 1, step + 1):
-                crash_once(ctx.get_storage().experiment_fs_path)
+                loss = fail_once(loss, cfg.run.fault_kind, ctx.get_storage().experiment_fs_path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
