@@ -21,7 +21,7 @@ from raymoll.config import MollifyConfig, validate
 EPOCHS = 6
 TRAIN_SUBSET = 30_000
 WIDTH = 32
-EVAL_SUBSET = 2_000
+EVAL_SUBSET = 1_000
 
 
 def _say(step: str, started: float) -> None:
