@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import report_result
 from raymoll.corruptions import CORRUPTIONS, VALIDATION_CORRUPTIONS, corrupt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +69,8 @@ def reference_python() -> Path:
     if not python.exists():
         venv.create(BENCH_VENV, with_pip=True)
         (BENCH_VENV / ".gitignore").write_text("*\n")
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "imagecorruptions", "setuptools<82"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "imagecorruptions",
+                        "setuptools<82"], check=True)
     return python
 
 
@@ -76,8 +78,8 @@ def time_reference(images: np.ndarray) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "images.npy"
         np.save(path, images)
-        result = subprocess.run([str(reference_python()), "-c", REFERENCE_SCRIPT, str(path), ",".join(NAMES)],
-                                check=True, capture_output=True, text=True)
+        result = subprocess.run([str(reference_python()), "-c", REFERENCE_SCRIPT, str(path),
+                                 ",".join(NAMES)], check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -95,7 +97,8 @@ def time_raymoll(images: np.ndarray) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1000, help="number of images (both sides use the same ones)")
+    parser.add_argument("--n", type=int, default=1000,
+                        help="number of images (both sides use the same ones)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for raymoll")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -105,10 +108,17 @@ def main() -> None:
     print(f"{args.n} Fashion-MNIST images 32x32, severity 3, raymoll on {args.threads} thread(s)")
     print(f"{'corruption':<18} {'raymoll s':>10} {'reference s':>12} {'ratio':>8}")
     for name in NAMES:
-        print(f"{name:<18} {ours[name]:>10.3f} {reference[name]:>12.2f} {reference[name] / ours[name]:>7.1f}x")
+        print(f"{name:<18} {ours[name]:>10.3f} {reference[name]:>12.2f} "
+              f"{reference[name] / ours[name]:>7.1f}x")
     total_ours, total_reference = sum(ours.values()), sum(reference.values())
-    print(f"{'all 19':<18} {total_ours:>10.3f} {total_reference:>12.2f} {total_reference / total_ours:>7.1f}x")
-    print(f"target: >= {TARGET:.0f}x; {'met' if total_reference / total_ours >= TARGET else 'NOT met'}")
+    ratio = total_reference / total_ours
+    passed = ratio >= TARGET
+    print(f"{'all 19':<18} {total_ours:>10.3f} {total_reference:>12.2f} {ratio:>7.1f}x")
+    print(f"target: >= {TARGET:.0f}x; {'met' if passed else 'NOT met'}")
+    report_result("corruptions", f"imagecorruptions / raymoll.corruptions, seconds for all 19 at "
+                  f"severity 3, {args.n} images", ratio, "x", f">= {TARGET:.0f}", passed, "cpu",
+                  f"raymoll {total_ours:.2f} s on {args.threads} thread(s), reference "
+                  f"{total_reference:.1f} s")
 
 
 if __name__ == "__main__":

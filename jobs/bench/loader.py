@@ -5,11 +5,8 @@ prepared into --data if missing) on the device, after a per-sample random flip, 
 zero padding and rotation up to 15 degrees. The baseline is the usual recipe: torchvision v2
 transforms per sample in 2 DataLoader worker processes. Each loader runs one untimed epoch
 (FFCV compiles its pipeline then), then timed epochs over the first --subset images, the
-loaders alternating for --rounds rounds (best of each reported).
-
-It then times a smallcnn training step on such batches, alone and fed by the FFCV loader: the
-loader is not the bottleneck when fed training runs about as fast as training on batches that
-are already in memory.
+loaders alternating for --rounds rounds (best of each reported). Whether the loader keeps up
+with training is pipeline.py's question.
 
     PYTHONPATH=. python jobs/bench/loader.py --device cpu
 Target: FFCV / DataLoader >= 5x.
@@ -17,17 +14,14 @@ Target: FFCV / DataLoader >= 5x.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from raymoll.data import (BatchAugment, load_source, make_loader, normalizer, prepare,
-                          read_meta)
-from raymoll.models import build_model
+from common import device_name, images_per_second, report_result
+from raymoll.data import BatchAugment, load_source, make_loader, prepare, read_meta
 
 TARGET = 5.0
 
@@ -48,19 +42,6 @@ class TorchvisionSet(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def images_per_second(batches, device: torch.device, step=None) -> float:
-    """Images per second over one pass of `batches` (moved to `device`, fed to `step`)."""
-    count, start = 0, time.perf_counter()
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if step is not None:
-            step(x, y)
-        count += len(y)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return count / (time.perf_counter() - start)
-
-
 def best_of(rounds: int, measures: dict) -> dict:
     """The best rate of each measure over `rounds` alternating rounds: load from other
     processes on a shared machine then hits all of them alike and only slows them."""
@@ -69,18 +50,6 @@ def best_of(rounds: int, measures: dict) -> dict:
         for name, measure in measures.items():
             results[name].append(measure())
     return {name: max(values) for name, values in results.items()}
-
-
-def make_step(num_classes: int, device: torch.device):
-    model = build_model("smallcnn", num_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
 
 
 def main() -> None:
@@ -115,22 +84,12 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
     print(f"FFCV + BatchAugment(fcr): {rates['ffcv']:10.0f} img/s")
     print(f"torch DataLoader (2 w.): {rates['dataloader']:10.0f} img/s")
-    print(f"ratio {ratio:.1f}x (target >= {TARGET:.0f}x): {'PASS' if ratio >= TARGET else 'FAIL'}")
-
-    step = make_step(meta["num_classes"], device)
-    # The loader-free reference: distinct batches already normalised on the device (training
-    # on one repeated batch drifts into denormal floats, which slows CPU steps down).
-    normalize, labels = normalizer(meta).to(device), torch.from_numpy(source.labels)
-    fixed = [(normalize(images[i:i + args.batch_size].to(device)),
-              labels[i:i + args.batch_size].to(device))
-             for i in range(0, args.subset - args.batch_size + 1, args.batch_size)]
-    images_per_second(fixed[:3], device, step)  # warm-up
-    steps = best_of(args.rounds, {"alone": lambda: images_per_second(fixed, device, step),
-                                  "fed": lambda: images_per_second(ffcv, device, step)})
-    alone, fed = steps["alone"], steps["fed"]
-    print(f"smallcnn train step on in-memory batches:{alone:10.0f} img/s")
-    print(f"smallcnn train step fed by FFCV:      {fed:10.0f} img/s ({fed / alone:.2f} of "
-          f"the in-memory rate; loader alone {rates['ffcv'] / alone:.1f}x the step)")
+    passed = ratio >= TARGET
+    print(f"ratio {ratio:.1f}x (target >= {TARGET:.0f}x): {'PASS' if passed else 'FAIL'}")
+    report_result("loader", f"FFCV + BatchAugment(fcr) / torch DataLoader (2 workers), "
+                  f"images/s, batch {args.batch_size}", ratio, "x", f">= {TARGET:.0f}", passed,
+                  device_name(device), f"best of {args.rounds} epochs of {args.subset} images: "
+                  f"FFCV {rates['ffcv']:.0f} img/s, DataLoader {rates['dataloader']:.0f} img/s")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 import pandas as pd
 from ray import tune
 
+from common import report_result
 from raymoll.config import load_config
 from raymoll.runtime import init_ray
 from raymoll.tune import run_search
@@ -67,7 +68,13 @@ def main() -> None:
     print(f"\nsearch of {len(per_trial)} trials: {wall:.1f} s wall, of it ray.init "
           f"{ray_init:.1f} s; per trial start-up {startup.mean():.1f} s vs training "
           f"{training.mean():.1f} s (epoch {table['epoch_seconds'].mean():.1f} s)")
+    passed = share <= TARGET_SHARE
     print(f"start-up share of trial time: {share:.0%}  (target <= {TARGET_SHARE:.0%})")
+    report_result("tune_startup", f"trial start-up / (start-up + training), {len(per_trial)} "
+                  f"trials x {args.epochs} epochs", share, "share", f"<= {TARGET_SHARE:.0%}",
+                  passed, "cuda" if cfg.run.use_gpu else "cpu",
+                  f"{wall:.0f} s wall, ray.init {ray_init:.1f} s, per trial start-up "
+                  f"{startup.mean():.1f} s vs training {training.mean():.1f} s")
 
 
 if __name__ == "__main__":
