@@ -46,13 +46,13 @@ def make_step(cfg: Config, meta: dict, device: torch.device) -> Step:
         model = model.to(memory_format=torch.channels_last)
     mollifier = Mollifier(cfg.mollify, image_size=image_size, num_classes=num_classes).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    o = cfg.optim
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                                weight_decay=o.weight_decay, nesterov=o.nesterov)
+    optim = cfg.optim
+    optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                weight_decay=optim.weight_decay, nesterov=optim.nesterov)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = mollifier(x, y, generator=generator)
-        with autocast(device, o.bf16):
+        with autocast(device, optim.bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
