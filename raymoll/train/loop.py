@@ -2,9 +2,9 @@
 
 One step, end to end:  FFCV batch on this rank's device, augmented per sample and normalised
 inside the loader's pipeline -> MixUp/CutMix (optional) -> Mollifier (noise / blur + coupled
-label smoothing) -> model (bf16 autocast on CUDA) -> soft-label cross-entropy -> SGD.  After every epoch the rank-sharded evaluation on the clean test
-set and on the 4 held-out validation corruptions is all-reduced, and rank 0 reports the metrics
-with a checkpoint.
+label smoothing) -> model (bf16 autocast on CUDA) -> soft-label cross-entropy -> SGD.
+After every epoch the rank-sharded evaluation on the clean test set and on the 4 held-out
+validation corruptions is all-reduced, and rank 0 reports the metrics with a checkpoint.
 """
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from raymoll.checkpoint import load_checkpoint, save_checkpoint
 from raymoll.config import Config, from_dict, to_dict
@@ -29,6 +31,7 @@ from raymoll.models import build_model
 from raymoll.mollify import Mollifier
 
 NAN_CHECK_EVERY = 50  # steps between host reads of the non-finite-loss flag (one sync each)
+DRILL_GRACE_SECONDS = 5.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +54,9 @@ def fail_once(loss: torch.Tensor, kind: str, run_folder: str) -> torch.Tensor:
     open(marker, "w").close()
     if kind == "nan":
         return loss * float("nan")
+    # Ray Train's controller collects reports by polling every 2 s: let it take the last one, so
+    # the drill is a node lost mid-epoch, not one lost together with its newest checkpoint.
+    time.sleep(DRILL_GRACE_SECONDS)
     print("[raymoll] fault drill: worker exits now", flush=True)
     os._exit(1)
 
@@ -81,15 +87,94 @@ def evaluate_epoch(model, test_loader, val_sets, normalize, cfg: Config) -> dict
     return metrics
 
 
+@dataclass
+class Trainee:
+    """What one rank trains and checkpoints."""
+    model: nn.Module            # what the step calls: DDP-wrapped and/or compiled
+    bare_model: nn.Module       # the plain module: its state dict is the checkpoint's
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    mollifier: Mollifier
+    generator: torch.Generator  # this rank's mollification randomness
+
+
+def build_trainee(cfg: Config, meta: dict, device: torch.device, rank: int,
+                  steps_per_epoch: int) -> Trainee:
+    """Model (on `device`, DDP-wrapped when distributed), SGD, the per-step LR schedule, the
+    mollifier and this rank's generator, all seeded from run.seed."""
+    num_classes, image_size = meta["num_classes"], meta["image_size"][0]  # square: read_meta checks
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.name, num_classes, width=cfg.model.width)
+    if device.type == "cuda" and cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
+    bare_model = model.module if hasattr(model, "module") else model
+    if cfg.optim.compile:
+        model = torch.compile(model)  # the mollifier stays eager: its generator breaks graphs
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    total = cfg.optim.epochs * steps_per_epoch
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, total, warmup))
+    mollifier = Mollifier(cfg.mollify, image_size=image_size, num_classes=num_classes).to(device)
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + rank)
+    return Trainee(model, bare_model, optimizer, scheduler, mollifier, generator)
+
+
+def restore(trainee: Trainee, folder: str, rank: int) -> int:
+    """Load a checkpoint folder into `trainee`; returns the number of epochs it completed."""
+    state = load_checkpoint(folder)
+    trainee.bare_model.load_state_dict(state["model"])
+    trainee.optimizer.load_state_dict(state["optimizer"])
+    trainee.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    streams = state["rng"]["mollify"]
+    trainee.generator.set_state(streams[rank % len(streams)])
+    return state["epoch"]
+
+
+def train_one_epoch(t: Trainee, loader, mix, epoch: int, cfg: Config,
+                    fail_at_step: int | None, run_folder: str) -> float:
+    """One pass over this rank's shard; returns the mean training loss. Raises
+    NonFiniteLossError (naming epoch and step) within NAN_CHECK_EVERY steps of a NaN/inf."""
+    t.model.train()
+    device = t.generator.device
+    loss_sum = torch.zeros((), device=device)
+    first_bad_step = torch.full((), -1, device=device)
+    for step, (x, y) in enumerate(loader):
+        if mix is not None:
+            x, y = mix(x, y)
+        x, y = t.mollifier(x, y, generator=t.generator)
+        with autocast(device, cfg.optim.bf16):
+            logits = t.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if step + 1 == fail_at_step:
+            loss = fail_once(loss, cfg.run.fault_kind, run_folder)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        t.scheduler.step()
+        # Track the loss on the device; read it back only every NAN_CHECK_EVERY steps.
+        loss_sum += loss.detach()
+        bad = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
+        first_bad_step = torch.where(bad, step, first_bad_step)
+        if ((step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == len(loader)) \
+                and first_bad_step.item() >= 0:
+            raise NonFiniteLossError(
+                f"loss became non-finite at epoch {epoch + 1}, step {first_bad_step.item() + 1} "
+                f"(lr {cfg.optim.lr}, model {cfg.model.name}, mollify {to_dict(cfg.mollify)}); "
+                f"the last good checkpoint is kept. Lower optim.lr or check the data.")
+    return loss_sum.item() / len(loader)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` is the resolved Config as a dict."""
     cfg = from_dict(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     meta = read_meta(cfg.data.path)
-    num_classes, image_size = meta["num_classes"], meta["image_size"][0]  # square: read_meta checks
 
     train_loader = make_loader(cfg.data.path, "train", cfg.data.batch_size, device, train=True,
                                num_workers=cfg.data.num_workers, seed=cfg.run.seed,
@@ -102,84 +187,39 @@ def train_loop_per_worker(config: dict) -> None:
                               os_cache=cfg.data.os_cache)
     normalize = normalizer(meta).to(device)
     val_sets = validation_sets(cfg, cfg.data.path, rank, world)
-    mix = batch_mix(num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha)  # None when off
-    mollifier = Mollifier(cfg.mollify, image_size=image_size, num_classes=num_classes).to(device)
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + rank)
-    model = build_model(cfg.model.name, num_classes, width=cfg.model.width)
-    if device.type == "cuda" and cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
-    bare_model = model.module if hasattr(model, "module") else model
-    if cfg.optim.compile:
-        model = torch.compile(model)  # the mollifier stays eager: its generator breaks graphs
+    mix = batch_mix(meta["num_classes"], cfg.data.mixup_alpha, cfg.data.cutmix_alpha)  # or None
+    trainee = build_trainee(cfg, meta, device, rank, len(train_loader))
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-    steps_per_epoch = len(train_loader)
-    total, warmup = cfg.optim.epochs * steps_per_epoch, round(cfg.optim.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, total, warmup))
-
-    fault_at = (cfg.run.fault_epoch, cfg.run.fault_step) if rank == 0 else None
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume: the worker group was (re)started after a failure or by Tune
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder)
-        bare_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["mollify"][rank % len(state["rng"]["mollify"])])
-        start_epoch = state["epoch"]
+            start_epoch = restore(trainee, folder, rank)
         if rank == 0:
             print(f"[raymoll] resumed from the checkpoint after epoch {start_epoch}", flush=True)
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
         train_loader.next_epoch = epoch  # the shuffle order depends on (seed, epoch): resumable
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        first_bad_step = torch.full((), -1, device=device)
-        for step, (x, y) in enumerate(train_loader):
-            if mix is not None:
-                x, y = mix(x, y)
-            x, y = mollifier(x, y, generator=generator)
-            with autocast(device, cfg.optim.bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            if fault_at == (epoch + 1, step + 1):
-                loss = fail_once(loss, cfg.run.fault_kind, ctx.get_storage().experiment_fs_path)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            # Track the loss on the device; read it only every NAN_CHECK_EVERY steps.
-            loss_sum += loss.detach()
-            bad = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
-            first_bad_step = torch.where(bad, step, first_bad_step)
-            if (step + 1) % NAN_CHECK_EVERY == 0 or step + 1 == steps_per_epoch:
-                if first_bad_step.item() >= 0:
-                    raise NonFiniteLossError(
-                        f"loss became non-finite at epoch {epoch + 1}, step "
-                        f"{first_bad_step.item() + 1} (lr {cfg.optim.lr}, model "
-                        f"{cfg.model.name}, mollify {to_dict(cfg.mollify)}); the last good "
-                        f"checkpoint is kept. Lower optim.lr or check the data.")
-
+        drill = rank == 0 and cfg.run.fault_epoch == epoch + 1
+        loss = train_one_epoch(trainee, train_loader, mix, epoch, cfg,
+                               cfg.run.fault_step if drill else None,
+                               ctx.get_storage().experiment_fs_path)
         # DDP broadcasts BatchNorm running stats from rank 0 only at the start of each forward,
         # so each rank ends the epoch with its own; evaluate everywhere with rank 0's, which
         # are the ones the checkpoint keeps.
         if world > 1:
-            for buffer in bare_model.buffers():
+            for buffer in trainee.bare_model.buffers():
                 dist.broadcast(buffer, src=0)
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch,
-                   "lr": scheduler.get_last_lr()[0]}
-        metrics |= evaluate_epoch(bare_model, test_loader, val_sets, normalize, cfg)
+        metrics = {"epoch": epoch + 1, "train_loss": loss,
+                   "lr": trainee.scheduler.get_last_lr()[0]}
+        metrics |= evaluate_epoch(trainee.bare_model, test_loader, val_sets, normalize, cfg)
         metrics["epoch_seconds"] = time.perf_counter() - started
-        report(metrics, bare_model, optimizer, scheduler, generator, cfg, meta, rank, world)
+        report(metrics, trainee, cfg, meta, rank, world)
 
 
-def report(metrics, model, optimizer, scheduler, generator, cfg, meta, rank, world) -> None:
+def report(metrics: dict, trainee: Trainee, cfg: Config, meta: dict, rank: int,
+           world: int) -> None:
     """Every rank calls ray.train.report (it is a barrier); rank 0 attaches the checkpoint."""
     if rank == 0:
         print(f"[raymoll] epoch {metrics['epoch']}/{cfg.optim.epochs}  "
@@ -187,18 +227,18 @@ def report(metrics, model, optimizer, scheduler, generator, cfg, meta, rank, wor
               f"ece {metrics['clean_ece']:.4f}  val acc {metrics['val_accuracy']:.2%}  "
               f"val ece {metrics['val_ece']:.4f}  ({metrics['epoch_seconds']:.1f} s)", flush=True)
     # Every rank's mollifier generator state, so a resumed run continues each stream.
-    states = [generator.get_state()]
+    streams = [trainee.generator.get_state()]
     if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, states[0])
-        states = gathered
+        streams = [None] * world
+        dist.all_gather_object(streams, trainee.generator.get_state())
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
             save_checkpoint(folder, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": metrics["epoch"],
+                "model": trainee.bare_model.state_dict(),
+                "optimizer": trainee.optimizer.state_dict(),
+                "scheduler": trainee.scheduler.state_dict(), "epoch": metrics["epoch"],
                 "config": to_dict(cfg), "meta": meta, "metrics": metrics,
-                "rng": {"torch": torch.get_rng_state(), "mollify": states}})
+                "rng": {"torch": torch.get_rng_state(), "mollify": streams}})
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
