@@ -54,8 +54,10 @@ def report_result(bench: str, compared: str, measured: float, unit: str, target:
     as text, e.g. "<= 1.02". passed: None when this run is not the configuration the target is
     set for (e.g. a CPU run of a GPU target).
     """
+    # float() and bool(): NumPy scalars (e.g. from pandas) are not JSON-serialisable.
     result = {"bench": bench, "compared": compared, "ratio": float(measured), "unit": unit,
-              "target": target, "passed": passed, "device": device, "details": details}
+              "target": target, "passed": None if passed is None else bool(passed),
+              "device": device, "details": details}
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
