@@ -23,43 +23,23 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from common import Step, device_name, images_per_second, report_result
 from raymoll.config import Config
 from raymoll.data import BatchAugment, make_loader, prepare, read_meta
-from raymoll.inference import autocast
-from raymoll.models import build_model
-from raymoll.mollify import Mollifier
+from raymoll.train.loop import build_trainee, train_step
 
 TARGET = 0.9
 DEFAULTS = {"cpu": {"model": "smallcnn", "batch": 256, "subset": 10240},
             "cuda": {"model": "preactresnet18", "batch": 512, "subset": 51200}}
 
 
-def make_step(cfg: Config, meta: dict, device: torch.device) -> Step:
-    """raymoll.train.loop's training step on one worker, for batches of normalised float32
-    (N,3,H,W) images and int64 (N,) labels on `device`."""
-    num_classes, image_size = meta["num_classes"], meta["image_size"][0]
-    model = build_model(cfg.model.name, num_classes, width=cfg.model.width).to(device)
-    if device.type == "cuda" and cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    mollifier = Mollifier(cfg.mollify, image_size=image_size, num_classes=num_classes).to(device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    optim = cfg.optim
-    optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
-                                weight_decay=optim.weight_decay, nesterov=optim.nesterov)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = mollifier(x, y, generator=generator)
-        with autocast(device, optim.bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+def make_step(cfg: Config, meta: dict, device: torch.device, steps_per_epoch: int) -> Step:
+    """raymoll.train.loop's training step on one worker (the same Trainee and train_step), for
+    batches of normalised float32 (N,3,H,W) images and int64 (N,) labels on `device`."""
+    trainee = build_trainee(cfg, meta, device, rank=0, steps_per_epoch=steps_per_epoch,
+                            in_ray_train=False)
+    return lambda x, y: train_step(trainee, x, y, bf16=cfg.optim.bf16)
 
 
 def pinned_epoch(loader: Iterable, threads: int) -> Iterator:
@@ -106,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                          os_cache=cfg.data.os_cache, augment=BatchAugment(cfg.data.augment))
     # The untimed first epoch compiles FFCV's pipeline, warms the step up (allocations, cuDNN
     # choices) and yields the in-memory batches.
-    step = make_step(cfg, meta, device)
+    step = make_step(cfg, meta, device, len(loader))
     in_memory = []
     for x, y in pinned_epoch(loader, args.threads):
         in_memory.append((x.clone(), y.clone()))

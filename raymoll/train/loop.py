@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import ray.train
 import ray.train.torch
@@ -99,15 +100,17 @@ class Trainee:
 
 
 def build_trainee(cfg: Config, meta: dict, device: torch.device, rank: int,
-                  steps_per_epoch: int) -> Trainee:
-    """Model (on `device`, DDP-wrapped when distributed), SGD, the per-step LR schedule, the
-    mollifier and this rank's generator, all seeded from run.seed."""
+                  steps_per_epoch: int, in_ray_train: bool = True) -> Trainee:
+    """Model (on `device`; DDP-wrapped by Ray Train when distributed), SGD, the per-step LR
+    schedule, the mollifier and this rank's generator, all seeded from run.seed.
+    in_ray_train=False builds the same outside a Ray Train worker (benchmarks)."""
     num_classes, image_size = meta["num_classes"], meta["image_size"][0]  # square: read_meta checks
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, num_classes, width=cfg.model.width)
     if device.type == "cuda" and cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
+    # prepare_model moves to the device and wraps in DDP when world > 1
+    model = ray.train.torch.prepare_model(model) if in_ray_train else model.to(device)
     bare_model = model.module if hasattr(model, "module") else model
     if cfg.optim.compile:
         model = torch.compile(model)  # the mollifier stays eager: its generator breaks graphs
@@ -134,6 +137,25 @@ def restore(trainee: Trainee, folder: str, rank: int) -> int:
     return state["epoch"]
 
 
+def train_step(t: Trainee, x: torch.Tensor, y: torch.Tensor, mix=None, bf16: bool = True,
+               drill=None) -> torch.Tensor:
+    """One SGD step on a batch (x float (N,C,H,W) normalised, y int64 (N,)); returns the loss
+    (a device scalar: reading it would sync). `drill` may replace the loss (run.fault_*)."""
+    if mix is not None:
+        x, y = mix(x, y)
+    x, y = t.mollifier(x, y, generator=t.generator)
+    with autocast(x.device, bf16):
+        logits = t.model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    if drill is not None:
+        loss = drill(loss)
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t.optimizer.step()
+    t.scheduler.step()
+    return loss
+
+
 def train_one_epoch(t: Trainee, loader, mix, epoch: int, cfg: Config,
                     fail_at_step: int | None, run_folder: str) -> float:
     """One pass over this rank's shard; returns the mean training loss. Raises
@@ -143,18 +165,9 @@ def train_one_epoch(t: Trainee, loader, mix, epoch: int, cfg: Config,
     loss_sum = torch.zeros((), device=device)
     first_bad_step = torch.full((), -1, device=device)
     for step, (x, y) in enumerate(loader):
-        if mix is not None:
-            x, y = mix(x, y)
-        x, y = t.mollifier(x, y, generator=t.generator)
-        with autocast(device, cfg.optim.bf16):
-            logits = t.model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        if step + 1 == fail_at_step:
-            loss = fail_once(loss, cfg.run.fault_kind, run_folder)
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.optimizer.step()
-        t.scheduler.step()
+        drill = (partial(fail_once, kind=cfg.run.fault_kind, run_folder=run_folder)
+                 if step + 1 == fail_at_step else None)
+        loss = train_step(t, x, y, mix, cfg.optim.bf16, drill)
         # Track the loss on the device; read it back only every NAN_CHECK_EVERY steps.
         loss_sum += loss.detach()
         bad = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
