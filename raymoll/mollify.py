@@ -262,6 +262,10 @@ class Mollifier(nn.Module):
         sigma = torch.where(noised, sigma_t, 0.0)[:, None, None, None].to(x.dtype)
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_t = alpha * _blur(x, tau, self.dct, self.eigenvalues) + sigma * eps
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # The blur's matrix products return NCHW; give the model back the layout it was fed
+            # (channels_last convolutions are faster, on GPUs and on the CPU alike).
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
 
         # noise_smoothing(t), reusing sigma_t: on a GPU each small op is a kernel launch.
         gamma_n = torch.where(noised, sigma_t ** (2 * c.noise_smoothing_power), 0.0)

@@ -312,3 +312,12 @@ def test_cuda_runs_without_host_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert x_t.device == x.device and torch.allclose(y_t.sum(dim=1), torch.ones_like(y_t[:, 0]))
+
+
+def test_channels_last_input_gives_channels_last_output():
+    m = Mollifier(MollifyConfig(), image_size=8, num_classes=3)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    x_t, _ = m(x, torch.tensor([0, 1, 2, 0]), generator=torch.Generator().manual_seed(0))
+    assert x_t.is_contiguous(memory_format=torch.channels_last)
+    x_t, _ = m(x.contiguous(), torch.tensor([0, 1, 2, 0]), generator=torch.Generator().manual_seed(0))
+    assert x_t.is_contiguous()

@@ -3,9 +3,9 @@
 Times forward, soft-label cross-entropy, backward and an SGD step at the paper's batch size.
 "Without" runs a disabled Mollifier, which is exactly what plain training runs (one-hot labels
 through the same code path). The two variants alternate in rounds so that load from other
-processes hits both alike; the ratio of the medians is the overhead.
+processes hits both alike; the median of the paired per-round ratios is the overhead.
 
-    PYTHONPATH=. python jobs/bench/mollify.py --device cpu --steps 2 --rounds 5
+    PYTHONPATH=. python jobs/bench/mollify.py --device cpu --steps 2 --rounds 9
 Targets: mollified / plain <= 1.02 on CPU, <= 1.01 on GPU.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=32, help="image width = height (pixels)")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=2, help="steps per timing")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating timings of each")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating timings of each")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=("cpu", "cuda"))
@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     alone = time_steps(lambda: mollifiers["mollified"](x, y), 20, device)
 
     plain, mollified = (statistics.median(times[n]) for n in ("plain", "mollified"))
+    # Adjacent timings share the machine's state: the median of the paired ratios cancels the
+    # drift that the ratio of the two medians keeps.
     per_round = [m / p for p, m in zip(times["plain"], times["mollified"])]
+    ratio = statistics.median(per_round)
     spread = (max(times["plain"]) - min(times["plain"])) / plain
     target = TARGETS[device.type]
     print(f"{args.model}, batch {args.batch}, {args.size} px, {device.type}, "
@@ -118,13 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"mollified step:  {mollified * 1e3:9.2f} ms (median)")
     print(f"mollifier alone: {alone * 1e3:9.2f} ms per batch "
           f"({alone / plain:.2%} of a plain step: the overhead without timing noise)")
-    print(f"ratio: {mollified / plain:.4f} (target <= {target}); per round "
+    print(f"ratio: {ratio:.4f}, median of paired rounds (target <= {target}); per round "
           f"{min(per_round):.3f}..{max(per_round):.3f}; plain-step spread {spread:.1%}")
-    passed = mollified / plain <= target
+    passed = ratio <= target
     print("meets target" if passed else "misses target")
     report_result("mollify", f"mollified / plain training step, {args.model} batch {args.batch}",
-                  mollified / plain, "x", f"<= {target}", passed, device_name(device),
-                  f"median of {args.rounds} rounds x {args.steps} steps: plain "
+                  ratio, "x", f"<= {target}", passed, device_name(device),
+                  f"median of {args.rounds} paired rounds x {args.steps} steps: plain "
                   f"{plain * 1e3:.1f} ms, mollified {mollified * 1e3:.1f} ms, mollifier alone "
                   f"{alone * 1e3:.2f} ms; bf16={bf16}, compiled mollifier={args.compile}")
 

@@ -34,7 +34,7 @@ class Benchmark:
 
 
 BENCHMARKS = {
-    "mollify": Benchmark(True, ()),  # its defaults (5 rounds x 2 steps) are quick already
+    "mollify": Benchmark(True, ("--rounds", "5")),
     "loader": Benchmark(True, ("--subset", "10000", "--rounds", "2")),
     "pipeline": Benchmark(True, ("--subset", "5120", "--rounds", "5")),
     "corruptions": Benchmark(False, ("--n", "100")),
