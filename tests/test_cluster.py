@@ -224,7 +224,8 @@ def fake_cluster(tmp_path):
     config.write_text(yaml.safe_dump(fake_cluster_config(f"127.0.0.1:{gcs_port}")))
     head = load_cluster()["available_node_types"]["ray.head.default"]["resources"]
     try:
-        subprocess.run([RAY, "start", "--head", f"--num-cpus={head['CPU']}", "--num-gpus=0",
+        subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1",
+                        f"--num-cpus={head['CPU']}", "--num-gpus=0",
                         f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
                         f"--ray-client-server-port={client_port}",
                         f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp_dir}",
