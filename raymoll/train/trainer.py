@@ -24,20 +24,19 @@ class TrainResult:
     metrics: dict[str, Any]        # the last reported metrics
 
 
-def storage_path(path: str) -> str:
-    """Ray wants an absolute local path (or a URI such as s3://bucket/prefix)."""
+def absolute(path: str) -> str:
+    """An absolute local path, or the URI unchanged (s3://bucket/prefix): Ray's storage wants
+    one, and Ray workers do not share the driver's working directory."""
     return path if "://" in path else os.path.abspath(path)
 
 
 def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer for `cfg`: workers, failure handling and checkpoints from `cfg.run`.
 
-    A relative data.path is made absolute here: Ray workers do not share the driver's working
-    directory. (On a multi-node cluster, data.path must name storage every node can read.)
+    A relative data.path is made absolute here, against the driver's working directory. (On a
+    multi-node cluster, data.path must name storage every node can read.)
     """
-    if "://" not in cfg.data.path:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, path=os.path.abspath(cfg.data.path)))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)))
     worker = {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
     return TorchTrainer(
         train_loop_per_worker,
@@ -47,7 +46,7 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
                                                resources_per_worker=worker),
         run_config=ray.train.RunConfig(
             name=name or cfg.run.name,
-            storage_path=storage_path(cfg.run.storage_path),
+            storage_path=absolute(cfg.run.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
                                                          checkpoint_score_attribute=SCORE,

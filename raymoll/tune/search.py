@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from raymoll.config import Config, ConfigError, from_dict, to_dict
-from raymoll.train.trainer import build_trainer, storage_path
+from raymoll.train.trainer import absolute, build_trainer
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
 
@@ -52,7 +52,7 @@ class SearchResult:
 
 def experiment_path(cfg: Config) -> str:
     """<run.storage_path>/<run.name>, absolute (or a URI)."""
-    return storage_path(os.path.join(cfg.run.storage_path, cfg.run.name))
+    return absolute(os.path.join(cfg.run.storage_path, cfg.run.name))
 
 
 def run_trial(point: dict[str, Any], base: dict) -> None:
@@ -72,7 +72,7 @@ def _trainable(cfg: Config, path: str):
     data.path is made absolute because Tune and Train start each process in its own folder."""
     base = to_dict(cfg)
     base["run"]["storage_path"] = path
-    base["data"]["path"] = storage_path(cfg.data.path)
+    base["data"]["path"] = absolute(cfg.data.path)
     return tune.with_resources(tune.with_parameters(run_trial, base=base),
                                {"CPU": cfg.tune.trial_cpus})
 
