@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from raymoll.config import ConfigError, help_text, load_config
+from raymoll.config import Config, ConfigError, help_text, load_config
 
 
 class TrainingFailed(RuntimeError):
@@ -23,10 +23,17 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def _train(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on a bad value
+def _checked_config(args: argparse.Namespace) -> Config:
+    """The config of `train` and `tune`, with its data folder checked: a bad key, value or path
+    fails here, before Ray starts."""
+    cfg = load_config(args.config, args.overrides)
     from raymoll.data import read_meta
     read_meta(cfg.data.path)
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> None:
+    cfg = _checked_config(args)
     import ray.train
     from raymoll.runtime import init_ray
     from raymoll.train import fit, summary
@@ -47,7 +54,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _checked_config(args)
     from raymoll.tune import run_search, check_space
     check_space(cfg)
     from raymoll.runtime import init_ray

@@ -33,7 +33,8 @@ def test_unknown_key_and_missing_config():
     assert rc == 2 and "nope.yaml" in err
 
 
-def test_missing_data_fails_before_ray(tmp_path):
-    rc, err, heavy = run_cli("train", "--config", str(CONFIG), f"data.path={tmp_path / 'none'}")
+@pytest.mark.parametrize("verb", ["train", "tune"])
+def test_missing_data_fails_before_ray(verb, tmp_path):
+    rc, err, heavy = run_cli(verb, "--config", str(CONFIG), f"data.path={tmp_path / 'none'}")
     assert rc == 2 and "ray" not in heavy
     assert str(tmp_path / "none") in err
