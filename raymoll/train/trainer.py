@@ -30,6 +30,11 @@ def absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one training worker reserves: run.cpus_per_worker CPUs, and a GPU with run.use_gpu."""
+    return {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
+
+
 def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer for `cfg`: workers, failure handling and checkpoints from `cfg.run`.
 
@@ -37,7 +42,7 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
     multi-node cluster, data.path must name storage every node can read.)
     """
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)))
-    worker = {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
+    worker = worker_resources(cfg)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),

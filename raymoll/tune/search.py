@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from raymoll.config import Config, ConfigError, from_dict, to_dict
-from raymoll.train.trainer import absolute, build_trainer
+from raymoll.train.trainer import absolute, build_trainer, worker_resources
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
 
@@ -82,9 +82,8 @@ def max_concurrent(cfg: Config) -> int:
     each needs its driver's CPUs plus its workers' CPUs and GPUs."""
     if cfg.tune.max_concurrent:
         return cfg.tune.max_concurrent
-    run = cfg.run
-    need = {"CPU": cfg.tune.trial_cpus + run.num_workers * run.cpus_per_worker,
-            "GPU": run.num_workers if run.use_gpu else 0}
+    need = {key: cfg.run.num_workers * amount for key, amount in worker_resources(cfg).items()}
+    need["CPU"] = need.get("CPU", 0) + cfg.tune.trial_cpus
     have = ray.cluster_resources()
     return max(1, min(int(have.get(key, 0) // amount) for key, amount in need.items() if amount))
 
