@@ -23,17 +23,15 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def _checked_config(args: argparse.Namespace) -> Config:
-    """The config of `train` and `tune`, with its data folder checked: a bad key, value or path
-    fails here, before Ray starts."""
-    cfg = load_config(args.config, args.overrides)
+def _check_data(cfg: Config) -> None:
+    """The data folder of `train` and `tune`, checked before Ray starts."""
     from raymoll.data import read_meta
     read_meta(cfg.data.path)
-    return cfg
 
 
 def _train(args: argparse.Namespace) -> None:
-    cfg = _checked_config(args)
+    cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on a bad value
+    _check_data(cfg)
     import ray.train
     from raymoll.runtime import init_ray
     from raymoll.train import fit, summary
@@ -54,9 +52,10 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-    cfg = _checked_config(args)
+    cfg = load_config(args.config, args.overrides)
     from raymoll.tune import run_search, check_space
     check_space(cfg)
+    _check_data(cfg)
     from raymoll.runtime import init_ray
     init_ray()
     run_search(cfg, resume=args.resume)

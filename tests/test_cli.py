@@ -33,8 +33,9 @@ def test_unknown_key_and_missing_config():
     assert rc == 2 and "nope.yaml" in err
 
 
-@pytest.mark.parametrize("verb", ["train", "tune"])
-def test_missing_data_fails_before_ray(verb, tmp_path):
-    rc, err, heavy = run_cli(verb, "--config", str(CONFIG), f"data.path={tmp_path / 'none'}")
+@pytest.mark.parametrize("verb, config", [("train", CONFIG),
+                                          ("tune", CONFIG.with_name("fashion_tune.yaml"))])
+def test_missing_data_fails_before_ray(verb, config, tmp_path):
+    rc, err, heavy = run_cli(verb, "--config", str(config), f"data.path={tmp_path / 'none'}")
     assert rc == 2 and "ray" not in heavy
     assert str(tmp_path / "none") in err
