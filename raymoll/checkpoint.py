@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from raymoll.models import build_model
+from raymoll.errors import RaymollError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RaymollError):
     """A checkpoint that is missing, unreadable, or does not fit the data it is used with."""
 
 

@@ -9,10 +9,11 @@ import argparse
 import os
 import sys
 
-from raymoll.config import Config, ConfigError, help_text, load_config
+from raymoll.config import Config, help_text, load_config
+from raymoll.errors import RaymollError
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(RaymollError):
     """A run that started but failed (a worker error, NaN loss, ...): exit 1, no traceback."""
 
 
@@ -140,15 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        # Bad input: one clear paragraph, no traceback (RAYMOLL_DEBUG=1 shows it).
+    except TrainingFailed as err:
+        print(f"raymoll {args.verb}: {err}", file=sys.stderr)
+        return 1
+    except RaymollError as err:
+        # A user mistake: one clear paragraph, no traceback (RAYMOLL_DEBUG=1 shows it). Any
+        # other exception is a bug and keeps its traceback.
         if os.environ.get("RAYMOLL_DEBUG"):
             raise
         print(f"raymoll {args.verb}: error: {err}", file=sys.stderr)
         return 2
-    except TrainingFailed as err:
-        print(f"raymoll {args.verb}: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"raymoll {args.verb}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

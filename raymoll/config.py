@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from raymoll.errors import RaymollError
 
-class ConfigError(ValueError):
+
+class ConfigError(RaymollError):
     """A bad setting: the message names the key, the value and what is allowed."""
 
 

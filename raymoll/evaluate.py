@@ -31,13 +31,14 @@ from raymoll.data import load_split, normalizer, read_meta
 from raymoll.inference import score
 from raymoll.metrics import MetricAccumulator
 from raymoll.results import write_results
+from raymoll.errors import RaymollError
 
 SEVERITIES = (1, 2, 3, 4, 5)
 GPU_SHARE = 0.25  # four sets share a GPU: one small-image set alone leaves most of it idle
 CHUNK = 1000  # images corrupted at once: bounds memory, and keeps results independent of batch_size
 
 
-class EvaluateError(ValueError):
+class EvaluateError(RaymollError):
     """Bad arguments to `evaluate` (severities, device, output path)."""
 
 

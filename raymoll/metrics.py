@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raymoll.errors import RaymollError
 
-class MetricError(ValueError):
+
+class MetricError(RaymollError):
     """Inputs of the wrong shape or range for a metric."""
 
 

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raymoll.errors import RaymollError
+
 METADATA_KEY = b"raymoll"
 
 SCHEMA = pa.schema([
@@ -39,7 +41,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class ResultsError(ValueError):
+class ResultsError(RaymollError):
     """A file that is not a raymoll results table, or rows that do not fit the schema."""
 
 

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
+from raymoll.errors import RaymollError
+
 SEVERITIES = (1, 2, 3, 4, 5)
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
-class CorruptionFilesError(FileNotFoundError, ValueError):
+class CorruptionFilesError(RaymollError, FileNotFoundError):
     """A corrupted-set folder lacks files or holds files of the wrong shape."""
 
 

@@ -14,13 +14,15 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from raymoll.errors import RaymollError
+
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagefolder", "fashion-mnist", "synthetic")
 DEFAULT_ROOT = Path("~/.cache/raymoll/datasets").expanduser()
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DataError(ValueError):
+class DataError(RaymollError):
     """Missing, unknown or inconsistent data; the message says what would be right."""
 
 
