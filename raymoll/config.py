@@ -73,7 +73,7 @@ class OptimConfig:
 
 @dataclass
 class MollifyConfig:
-    """Mollification settings; the defaults are exactly the paper's (METHOD.md §1)."""
+    """Mollification settings; the defaults are exactly the paper's (docs/method.md)."""
     enabled: bool = _field(True, "mollify training batches (False = plain training)")
     p_clean: float = _field(1 / 3, "probability a sample stays clean", low=0.0, high=1.0)
     p_noise: float = _field(1 / 3, "probability a sample is noised", low=0.0, high=1.0)

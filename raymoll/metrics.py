@@ -1,6 +1,6 @@
 """Classification metrics: accuracy, NLL, Brier score and top-label ECE, whole-set or streaming.
 
-ECE follows METHOD.md §3: 15 equal-width bins on the top-label confidence, bin b = (b/B, (b+1)/B]
+ECE (docs/protocol.md §4): 15 equal-width bins on the top-label confidence, bin b = (b/B, (b+1)/B]
 (a confidence exactly on an edge belongs to the bin whose upper edge it is), L1 over the whole
 evaluated set: sum_b |B_b| / N * |acc_b - conf_b|. `MetricAccumulator` keeps per-bin sums, not
 per-batch ECEs, so its ECE is the whole-set ECE, and its state can be summed across DDP ranks.

@@ -1,4 +1,4 @@
-"""Data mollification coupled with label smoothing (METHOD.md §1), on batched tensors.
+"""Data mollification coupled with label smoothing (docs/method.md), on batched tensors.
 
 Schedules map a time t in [0, 1] to noise coefficients, a blur width and a label-smoothing
 weight. `heat_blur` solves the heat equation in the DCT domain. `Mollifier` draws a role and a
@@ -116,7 +116,7 @@ def _blur(x: Tensor, tau: Tensor, dct: Tensor, eigenvalues: Tensor) -> Tensor:
 
 
 def heat_blur(x: Tensor, tau: Tensor) -> Tensor:
-    """Heat-equation blur: IDCT(exp(-Lambda tau) * DCT(x)) per channel (METHOD.md §1.4).
+    """Heat-equation blur: IDCT(exp(-Lambda tau) * DCT(x)) per channel (docs/method.md §5).
 
     x: (N, C, H, W) float with H == W; tau: (N,) >= 0, the diffusion time (sigma_B^2 / 2, in
     pixels^2). Returns x's shape and dtype; each channel keeps its mean; tau == 0 returns x.
@@ -190,7 +190,7 @@ def _soft_labels(y: Tensor, n: int, num_classes: int) -> Tensor:
 
 
 class Mollifier(nn.Module):
-    """Mollifies a training batch and smooths its labels to match (METHOD.md §1).
+    """Mollifies a training batch and smooths its labels to match (docs/method.md §2-§6).
 
     Each sample gets a role, 0 clean, 1 noise, 2 blur or 3 both (blur then noise), with
     probabilities (p_clean, p_noise, p_blur, p_both), and a time t ~ Beta(t_alpha, t_beta)

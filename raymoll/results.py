@@ -1,6 +1,6 @@
 """The results table: one Parquet file per evaluation, one row per (run, corruption, severity).
 
-Columns are DESIGN.md's (clean data is corruption "clean", severity 0) plus the reliability
+Columns: docs/protocol.md §6 (clean data is corruption "clean", severity 0) plus the reliability
 diagram of each set, so `raymoll report` draws it without the model: per confidence bin the
 sample count, mean confidence and accuracy (NaN in empty bins). The settings that define a run
 (mollification config, seed, the whole training config) are JSON in the schema metadata under

@@ -13,7 +13,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    # Worker prints would otherwise appear twice on the driver (PLATFORM_NOTES.md).
+    # Worker prints would otherwise appear twice on the driver (docs/platform.md, Ray).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init()

@@ -1,4 +1,4 @@
-"""raymoll.corruptions against the definitions in docs/CORRUPTIONS.md, on real Fashion-MNIST
+"""raymoll.corruptions against the definitions in docs/corruptions.md, on real Fashion-MNIST
 test images (padded to 32x32, repeated to RGB), with PIL and scipy as independent references."""
 import colorsys
 import gzip

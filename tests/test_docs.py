@@ -14,7 +14,7 @@ def test_corruption_tables_equal_presets():
     text = (ROOT / "docs" / "corruptions.md").read_text()
     for preset, table in PRESETS.items():
         section = text.split(f"(`{preset}`)", 1)[1].split("\n### ", 1)[0]
-        rows = {m[1]: m[2] for m in re.finditer(r"^\| (\w+) \| (.+) \|$", section, re.M)}
+        rows = {m[1]: m[2] for m in re.finditer(r"^\| (\w+) \| (`.+) \|$", section, re.M)}
         assert set(rows) == set(table)
         for name, cells in rows.items():
             values = tuple(ast.literal_eval(c.strip().strip("`")) for c in cells.split("|"))

@@ -19,7 +19,7 @@ from raymoll.models import build_model
 N_TEST = 16  # clean test images
 N_OFFICIAL = 8  # images per severity block of the fake -C files
 
-# DESIGN.md "The results table", column by column.
+# docs/protocol.md §6 "The results table", column by column.
 DESIGN_COLUMNS = {
     "run": pa.string(), "checkpoint": pa.string(), "dataset": pa.string(),
     "model": pa.string(), "mollified": pa.bool_(), "corruption": pa.string(),

@@ -1,4 +1,4 @@
-"""Mollification: schedules, DCT heat blur, Beta sampling and the Mollifier (METHOD.md §1)."""
+"""Mollification: schedules, DCT heat blur, Beta sampling and the Mollifier (docs/method.md)."""
 import dataclasses
 import math
 
@@ -25,7 +25,7 @@ def batch(n: int = 6, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torc
 
 
 def reference_heat_blur(x: np.ndarray, tau: np.ndarray) -> np.ndarray:
-    """METHOD.md §1.4 written with scipy's orthonormal 2-D DCT-II."""
+    """docs/method.md §5 written with scipy's orthonormal 2-D DCT-II."""
     n = x.shape[-1]
     freq = (np.pi * np.arange(n) / n) ** 2
     lam = freq[:, None] + freq[None, :]
@@ -126,7 +126,7 @@ def test_heat_blur_keeps_channel_means_and_loses_energy():
 
 
 def test_full_blur_leaves_almost_only_channel_means():
-    # t = 1: sigma_B = image width, tau = 32^2 / 2 (METHOD.md §1.4).
+    # t = 1: sigma_B = image width, tau = 32^2 / 2 (docs/method.md §5).
     x, _ = batch(2, 32)
     out = heat_blur(x, torch.full((2,), 32.0**2 / 2))
     assert out.std(dim=(2, 3)).max() < 0.01 * x.std(dim=(2, 3)).min()

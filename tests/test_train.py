@@ -18,7 +18,7 @@ TINY = ["optim.epochs=2", "data.train_subset=4096", "data.test_subset=500",
 @pytest.fixture(scope="module")
 def drilled_run(ray_local, fashion_mnist_dir, tmp_path_factory):
     """One 2-worker, 2-epoch run whose rank 0 is killed late in epoch 2 (step 25 of 32: well
-    after epoch 1's checkpoint is registered, PLATFORM_NOTES.md)."""
+    after epoch 1's checkpoint is registered, docs/platform.md)."""
     from raymoll.train import fit
     storage = tmp_path_factory.mktemp("train")
     cfg = load_config(CONFIG, TINY + [

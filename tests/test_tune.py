@@ -15,7 +15,7 @@ from raymoll.tune.space import expected_trials, probe_points
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 TUNE_CONFIGS = sorted(CONFIGS.glob("*tune*.yaml"))
-# The paper's roles (METHOD.md §1.1) in the derived names, by their definition.
+# The paper's roles (docs/method.md §2) in the derived names, by their definition.
 PAPER_ROLES = {"clean_fraction": 1 / 3, "noise_blur_ratio": 0.5, "both_fraction": 0.0}
 
 

@@ -1,7 +1,7 @@
 """Per-severity parameters of the reference generator, for three image sizes.
 
 `PRESETS[preset][name]` is a tuple of five entries, severity 1 to 5, whose meaning is given in
-docs/CORRUPTIONS.md. "cifar" and "tinyimagenet" are the tables of make_cifar_c.py and
+docs/corruptions.md §2. "cifar" and "tinyimagenet" are the tables of make_cifar_c.py and
 make_tinyimagenet_c.py; "imagenet" is the table of the PyPI package `imagecorruptions` 1.1.2.
 Units are those of the reference, except two that scale with the image:
 
