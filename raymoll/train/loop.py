@@ -63,26 +63,28 @@ def fail_once(loss: torch.Tensor, kind: str, run_folder: str) -> torch.Tensor:
 
 
 def validation_sets(cfg: Config, data_dir: str, rank: int, world: int) -> dict:
-    """This rank's share of the fixed validation subset: clean and the 4 validation corruptions
-    at `eval.val_severity`, made once with a fixed seed (identical on every rank)."""
-    images, labels = load_split(data_dir, "test", subset=cfg.eval.val_subset)
+    """This rank's share of the validation split (its first eval.val_subset images; never the
+    test split): the clean images under "clean", and the 4 validation corruptions at
+    `eval.val_severity`, made once with a fixed seed (identical on every rank)."""
+    images, labels = load_split(data_dir, "val", subset=cfg.eval.val_subset)
     generator = torch.Generator().manual_seed(cfg.eval.seed)
-    sets = {name: corrupt(images, name, cfg.eval.val_severity, generator=generator)
-            for name in VALIDATION_CORRUPTIONS}
+    sets = {"clean": images} | {name: corrupt(images, name, cfg.eval.val_severity,
+                                              generator=generator)
+                                for name in VALIDATION_CORRUPTIONS}
     return {name: (x[rank::world], labels[rank::world]) for name, x in sets.items()}
 
 
-def evaluate_epoch(model, test_loader, val_sets, normalize, cfg: Config) -> dict[str, float]:
-    """Clean test metrics and mean validation-corruption metrics, all-reduced over ranks."""
-    clean = MetricAccumulator()
-    for images, labels in test_loader:
-        score(model, images, labels, normalize, cfg.data.eval_batch_size, cfg.optim.bf16, clean)
-    metrics = {f"clean_{k}": v for k, v in clean.all_reduce_().compute().items()}
-    per_corruption = [score(model, x, y, normalize, cfg.data.eval_batch_size,
-                            cfg.optim.bf16).all_reduce_().compute() for x, y in val_sets.values()]
+def evaluate_epoch(model, val_sets, normalize, cfg: Config) -> dict[str, float]:
+    """Metrics on the validation split, all-reduced over ranks: clean_* on its clean images,
+    val_* the mean over the 4 validation corruptions, val_score the selection score."""
+    scored = {name: score(model, x, y, normalize, cfg.data.eval_batch_size,
+                          cfg.optim.bf16).all_reduce_().compute()
+              for name, (x, y) in val_sets.items()}
+    metrics = {f"clean_{k}": v for k, v in scored.pop("clean").items()}
+    per_corruption = list(scored.values())
     for key in ("accuracy", "nll", "ece"):
         metrics[f"val_{key}"] = sum(m[key] for m in per_corruption) / len(per_corruption)
-    for name, m in zip(val_sets, per_corruption):
+    for name, m in scored.items():
         metrics[f"val_{name}_accuracy"] = m["accuracy"]
     metrics["val_score"] = sum(w * metrics[k] for k, w in cfg.tune.objective.items())
     return metrics
@@ -192,12 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_loader = make_loader(cfg.data.path, "train", cfg.data.batch_size, device, train=True,
                                num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                                subset=cfg.data.train_subset, os_cache=cfg.data.os_cache,
-                               augment=BatchAugment(cfg.data.augment))
-    n_test = cfg.data.test_subset or meta["counts"]["test"]
-    test_loader = make_loader(cfg.data.path, "test", cfg.data.eval_batch_size, device,
-                              train=False, num_workers=cfg.data.num_workers, normalize=False,
-                              distributed=False, indices=range(rank, n_test, world),
-                              os_cache=cfg.data.os_cache)
+                               augment=nn.Sequential(*map(BatchAugment, cfg.data.augment)))
     normalize = normalizer(meta).to(device)
     val_sets = validation_sets(cfg, cfg.data.path, rank, world)
     mix = batch_mix(meta["num_classes"], cfg.data.mixup_alpha, cfg.data.cutmix_alpha)  # or None
@@ -226,7 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
                 dist.broadcast(buffer, src=0)
         metrics = {"epoch": epoch + 1, "train_loss": loss,
                    "lr": trainee.scheduler.get_last_lr()[0]}
-        metrics |= evaluate_epoch(trainee.bare_model, test_loader, val_sets, normalize, cfg)
+        metrics |= evaluate_epoch(trainee.bare_model, val_sets, normalize, cfg)
         metrics["epoch_seconds"] = time.perf_counter() - started
         report(metrics, trainee, cfg, meta, rank, world)
 

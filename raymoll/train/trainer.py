@@ -12,7 +12,7 @@ from ray.train.torch import TorchTrainer
 from raymoll.config import Config, to_dict
 from raymoll.train.loop import train_loop_per_worker
 
-SCORE = "clean_accuracy"  # what "best checkpoint" means
+SCORE = "val_score"  # what "best checkpoint" means: tune.objective on the validation split
 
 
 @dataclass
@@ -78,6 +78,7 @@ def summary(result: TrainResult) -> str:
              f"last checkpoint:  {result.last_checkpoint}",
              f"best checkpoint:  {result.best_checkpoint}  (by {SCORE})"]
     if m:
-        lines.append(f"final epoch {m.get('epoch')}: clean acc {m.get('clean_accuracy', 0):.2%}, "
-                     f"clean ECE {m.get('clean_ece', 0):.4f}, val acc {m.get('val_accuracy', 0):.2%}")
+        lines.append(f"final epoch {m.get('epoch')} (validation split): clean acc "
+                     f"{m.get('clean_accuracy', 0):.2%}, clean ECE {m.get('clean_ece', 0):.4f}, "
+                     f"corrupted acc {m.get('val_accuracy', 0):.2%}")
     return "\n".join(lines)
