@@ -3,7 +3,8 @@
 
 Keys: model (state dict, no DDP prefix), optimizer, scheduler, epoch (completed epochs),
 config (the resolved Config as a dict), meta (the dataset's meta.json), metrics (what was
-reported with it), rng (torch CPU state and the mollifier generator's state).
+reported with it). No random-generator state: a run reseeds every stream each epoch from
+(run.seed, rank, epoch), see raymoll.train.loop.
 """
 from __future__ import annotations
 

@@ -17,8 +17,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
-from raymoll.data import (AUGMENTS, BatchAugment, DataError, batch_mix, flip_crop_rotate,
-                          load_source, load_split, make_loader, prepare, read_meta)
+from torchvision.transforms import v2
+
+from raymoll.data import (AUGMENTS, BatchAugment, BatchMix, DataError, batch_mix,
+                          flip_crop_rotate, load_source, load_split, make_loader, prepare,
+                          read_meta)
 from raymoll.data.sources import stratified_indices
 from raymoll.errors import RaymollError
 
@@ -173,10 +176,35 @@ def test_fcr_keeps_float_and_policies_refuse_float():
 def test_batch_mix_gives_soft_labels():
     assert batch_mix(10) is None
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
-    for mix in (batch_mix(10, mixup_alpha=1.0), batch_mix(10, cutmix_alpha=1.0)):
-        mixed, soft = mix(x, y)
+    for mix in (batch_mix(10, mixup_alpha=1.0), batch_mix(10, cutmix_alpha=1.0),
+                BatchMix(10, 1.0, 1.0)):
+        mixed, soft = mix(x.clone(), y)
         assert mixed.shape == x.shape and soft.shape == (8, 10)
         torch.testing.assert_close(soft.sum(1), torch.ones(8))
+
+
+@pytest.mark.parametrize("mixup_alpha, cutmix_alpha, reference",
+                         [(0.4, 0.0, v2.MixUp), (0.0, 1.0, v2.CutMix)])
+def test_batch_mix_is_torchvisions_at_the_same_draws(mixup_alpha, cutmix_alpha, reference):
+    x, y = torch.rand(6, 3, 20, 16), torch.tensor([0, 1, 2, 3, 4, 2])
+    mix = BatchMix(5, mixup_alpha, cutmix_alpha, torch.Generator().manual_seed(0))
+    tv = reference(alpha=max(mixup_alpha, cutmix_alpha), num_classes=5)
+    for _ in range(5):
+        params = mix.sample(20, 16)
+        ours = mix.apply(x.clone(), y, params)
+        theirs = [tv.transform(inpt, {"labels": y, "batch_size": 6, **params})
+                  for inpt in (x.clone(), y)]
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+        torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=0)
+
+
+def test_batch_mix_draws_follow_its_generator():
+    draws = lambda seed: [BatchMix(5, 0.0, 1.0, torch.Generator().manual_seed(seed)).sample(8, 8)
+                          for _ in range(3)]
+    assert draws(1) == draws(1) and draws(1) != draws(2)
+    mix = BatchMix(5, 0.5, 0.0, torch.Generator().manual_seed(0))
+    lams = np.array([mix.sample(8, 8)["lam"] for _ in range(4000)])
+    assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 0.125) < 0.01  # Beta(.5, .5)
 
 
 def test_augment_inside_the_loader(indexed_dir):

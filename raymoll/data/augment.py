@@ -1,4 +1,4 @@
-"""Per-sample batch augmentation on the batch's device, and MixUp/CutMix.
+"""Per-sample batch augmentation on the batch's device (MixUp/CutMix: raymoll.data.mix).
 
 "fcr" (the paper's base: flip, crop with 4-px zero padding, rotation up to 15 degrees) is one
 batched affine warp: fully vectorised, works on uint8 or float. The torchvision policies draw
@@ -9,7 +9,7 @@ run them before the normalisation (make_loader(augment=...) does).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,16 +94,3 @@ class BatchAugment(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(self.names)
 
-
-def batch_mix(num_classes: int, mixup_alpha: float = 0.0,
-              cutmix_alpha: float = 0.0) -> Callable | None:
-    """MixUp and/or CutMix (one picked per batch when both are set), or None when both are 0.
-
-    The callable maps (images float (N,C,H,W), labels int64 (N,)) to (images, soft labels
-    float (N,K)); as torchvision defines them, one Beta(alpha, alpha) lambda per batch.
-    """
-    mixes = [mix(alpha=alpha, num_classes=num_classes)
-             for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
-    if not mixes:
-        return None
-    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

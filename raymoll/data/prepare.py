@@ -238,10 +238,11 @@ def read_meta(data_dir: str | Path) -> dict:
     except (json.JSONDecodeError, TypeError) as err:
         raise DataError(f"{meta_path} is not valid JSON ({err}); {hint}.") from None
     if "val" in missing and "counts" not in missing and "val" not in meta["counts"]:
+        dataset = meta.get("dataset", "NAME")
         raise DataError(f"{data_dir} was prepared before raymoll held out a validation split "
                         f"(it has no val.beton): training would select on the test split. "
-                        f"Re-prepare it with `raymoll prepare --dataset {meta.get('dataset', 'NAME')}"
-                        f" --out {data_dir}` (--val-fraction, --val-seed choose the split).")
+                        f"Re-prepare it with `raymoll prepare --dataset {dataset} --out "
+                        f"{data_dir}` (--val-fraction, --val-seed choose the split).")
     if missing:
         raise DataError(f"{meta_path} lacks {', '.join(missing)}: written by another tool or "
                         f"version; {hint}.")

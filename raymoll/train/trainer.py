@@ -10,7 +10,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from raymoll.config import Config, to_dict
-from raymoll.train.loop import train_loop_per_worker
+from raymoll.train.loop import FAULT_DRILL_ENV, train_loop_per_worker
 
 SCORE = "val_score"  # what "best checkpoint" means: tune.objective on the validation split
 
@@ -43,6 +43,9 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
     """
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)))
     worker = worker_resources(cfg)
+    # The fault drill (tests) is set in the driver's environment: the workers get it too.
+    drill = {FAULT_DRILL_ENV: os.environ[FAULT_DRILL_ENV]} if os.environ.get(FAULT_DRILL_ENV) \
+        else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),
@@ -56,7 +59,8 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
                                                          checkpoint_score_attribute=SCORE,
                                                          checkpoint_score_order="max"),
-            callbacks=callbacks or []),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": drill} if drill else None),
     )
 
 
