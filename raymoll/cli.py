@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
     p.set_defaults(func=_report)
 
-    p = verbs.add_parser("demo", help="the whole story offline: prepare, train twice, evaluate, "
-                         "report (Fashion-MNIST, ~10 min on 2 CPU cores)")
+    p = verbs.add_parser("demo", help="the whole story offline: prepare, train plain, label "
+                         "smoothing and mollified models, evaluate, report (Fashion-MNIST, "
+                         "under 10 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (offline) or cifar10")
