@@ -90,6 +90,7 @@ def _row(spec: EvalSet, raw: MetricAccumulator, scaled: MetricAccumulator | None
                                                                       math.nan)
     ts_bins = scaled.bins() if scaled is not None else None
     row.update({f"{key}_ts": ts[key] for key in ("nll", "ece", "brier")})
+    row["bin_count_ts"] = ts_bins["count"].long().tolist() if ts_bins else [0] * len(bins["count"])
     for key in ("confidence", "accuracy"):
         row[f"bin_{key}_ts"] = ts_bins[key].tolist() if ts_bins else [math.nan] * len(bins[key])
     return row
