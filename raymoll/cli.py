@@ -49,7 +49,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from raymoll.evaluate import evaluate
     out = evaluate(args.checkpoint, args.data, corruptions_dir=args.corruptions, out=args.out,
                    severities=args.severities, seed=args.seed, batch_size=args.batch_size,
-                   device=args.device, run=args.run, subset=args.subset)
+                   device=args.device, run=args.run, subset=args.subset, runner=args.runner,
+                   weights=args.weights)
     print(f"wrote {out}")
 
 
@@ -65,7 +66,7 @@ def _tune(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> None:
     from raymoll.report import report
-    out = report(args.results, args.out)
+    out = report(args.results, args.out, reliability=args.reliability)
     print(f"wrote {out}")
 
 
@@ -124,11 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run name in the table (default: from checkpoint)")
     p.add_argument("--subset", type=int, default=0,
                    help="score only the first N test images of each set (0 = all)")
+    p.add_argument("--runner", choices=("local", "ray"), default=None,
+                   help="score the sets in this process (local) or on a Ray actor pool (ray); "
+                   "default: ray when a Ray cluster with GPUs is attached, else local")
+    p.add_argument("--weights", choices=("selected", "raw", "ema"), default="selected",
+                   help="which weights of the checkpoint to score: raw, ema (needs "
+                   "optim.ema_decay > 0) or selected (what selection chose; default)")
     p.set_defaults(func=_evaluate)
 
     p = verbs.add_parser("report", help="plots + summary.md from results Parquet files")
     p.add_argument("results", nargs="+", help="Parquet files written by `raymoll evaluate`")
     p.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
+    p.add_argument("--reliability", choices=("raw", "ts"), default="raw",
+                   help="draw the reliability diagrams of the raw or the temperature-scaled "
+                   "predictions")
     p.set_defaults(func=_report)
 
     p = verbs.add_parser("demo", help="the whole story offline: prepare, train plain, label "

@@ -84,7 +84,7 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None,
     evaluate_remote = ray.remote(num_cpus=1, num_gpus=0.5 if use_gpu else 0)(evaluate)
     tables = ray.get([evaluate_remote.remote(result.last_checkpoint, data, subset=EVAL_SUBSET,
                                              out=out / "results" / f"{cfg.run.name}.parquet",
-                                             device="cuda" if use_gpu else "cpu")
+                                             device="cuda" if use_gpu else "cpu", runner="local")
                       for cfg, result in zip(configs, results)])
 
     _say("4/4 writing the report", started)
