@@ -5,8 +5,9 @@
 2. train the small CNN three times with identical settings except the method: "plain",
    "label_smoothing" (plain label smoothing, eps = 0.1) and "mollified" (the paper's
    defaults), all at once as Ray tasks, each driving its own TorchTrainer;
-3. evaluate each on clean + 15 x 5 corrupted (+ 4 x 5 validation) test sets into Parquet;
-4. draw the report (PNGs + summary.md) and print the headline table.
+3. evaluate each on clean + 15 x 5 corrupted (+ 4 x 5 validation) test sets into Parquet, raw
+   and with post-hoc temperature scaling (T fitted on the validation split);
+4. draw the report (PNGs + summary.md) and print the headline table (raw and TS columns).
 
 Everything lands under `out` (default runs/demo/): data/, train/, results/*.parquet, report/.
 """
