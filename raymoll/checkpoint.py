@@ -3,9 +3,9 @@
 
 Keys: model (state dict, no DDP prefix), optimizer, scheduler, epoch (completed epochs),
 config (the resolved Config as a dict), meta (the dataset's meta.json), metrics (what was
-reported with it), rng (torch CPU state and the mollifier generator's state); with
-optim.ema_decay > 0 also ema (the EMA model's state dict, same keys as model) and selected
-("raw" or "ema": the weights selection chose).
+reported with it); with optim.ema_decay > 0 also ema (the EMA model's state dict, same keys as
+model) and selected ("raw" or "ema": the weights selection chose). No random-generator state:
+a run reseeds every stream each epoch from (run.seed, rank, epoch), see raymoll.train.loop.
 """
 from __future__ import annotations
 

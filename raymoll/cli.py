@@ -20,7 +20,8 @@ class TrainingFailed(RaymollError):
 def _prepare(args: argparse.Namespace) -> None:
     from raymoll.data import prepare
     out = prepare(args.dataset, args.out, root=args.root, image_format=args.format,
-                  max_side=args.max_side, jpeg_quality=args.jpeg_quality)
+                  max_side=args.max_side, jpeg_quality=args.jpeg_quality,
+                  val_fraction=args.val_fraction, val_seed=args.val_seed)
     print(f"wrote {out}")
 
 
@@ -86,11 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True,
                    help="cifar10, cifar100, tinyimagenet, imagefolder, fashion-mnist, synthetic")
     p.add_argument("--root", help="where the source dataset is (or is downloaded to)")
-    p.add_argument("--out", required=True, help="folder for train.beton, test.beton, meta.json")
+    p.add_argument("--out", required=True,
+                   help="folder for train.beton, val.beton, test.beton, meta.json")
     p.add_argument("--format", default="auto", choices=("auto", "raw", "jpeg"),
                    help="raw pixels (exact) or JPEG; auto = raw up to 64 px")
     p.add_argument("--max-side", type=int, default=256, help="JPEG: longest side in pixels")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (1-100)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training images held out as val.beton, class-stratified; "
+                        "training selects on it, never on the test split (default 0.1)")
+    p.add_argument("--val-seed", type=int, default=0,
+                   help="seed of the validation split: the same seed, the same split (default 0)")
     p.set_defaults(func=_prepare)
 
     for name, func, text in (("train", _train, "train with Ray Train (DDP workers)"),
@@ -142,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "predictions")
     p.set_defaults(func=_report)
 
-    p = verbs.add_parser("demo", help="the whole story offline: prepare, train twice, evaluate, "
-                         "report (Fashion-MNIST, ~10 min on 2 CPU cores)")
+    p = verbs.add_parser("demo", help="the whole story offline: prepare, train plain, label "
+                         "smoothing and mollified models, evaluate, report (Fashion-MNIST, "
+                         "under 10 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (offline) or cifar10")
