@@ -282,7 +282,8 @@ def test_each_row_is_scored_raw_and_temperature_scaled(tmp_path, with_val, check
     images, labels = load_split(with_val, "test")
     for corruption in ("clean", "fog", "speckle_noise"):
         severity = 0 if corruption == "clean" else 4
-        x = images if not severity else corrupt(images, corruption, severity, generator=torch.Generator().manual_seed(set_seed(3, corruption, severity)))
+        generator = torch.Generator().manual_seed(set_seed(3, corruption, severity))
+        x = corrupt(images, corruption, severity, generator=generator) if severity else images
         with torch.no_grad():
             probs = (model(normalize(x)) / t).softmax(1).double()
         got = row(frame, corruption, severity)

@@ -202,8 +202,8 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
         with contextlib.suppress(Exception):  # never hide the real error behind clean-up
             pool.close()
 
-    common = {"run": run, "checkpoint": str(checkpoint) if checkpoint else model_spec, "dataset": meta["dataset"],
-              "model": cfg["model"]["name"], "mollified": cfg["mollify"]["enabled"]}
+    common = {"run": run, "checkpoint": str(checkpoint) if checkpoint else model_spec,
+              "dataset": meta["dataset"], "model": cfg["model"]["name"], "mollified": cfg["mollify"]["enabled"]}
     settings = {"checkpoint": common["checkpoint"], "data": str(Path(data_dir).resolve()),
                 "seed": seed, "severities": severities, "subset": subset,
                 "corruptions": str(Path(corruptions_dir).resolve()) if corruptions_dir
