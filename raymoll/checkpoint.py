@@ -44,7 +44,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{str(file)!r} is not a readable raymoll checkpoint: {err}") from None
+        raise CheckpointError(f"{str(file)!r} is not a readable raymoll checkpoint: "
+                              f"{err}") from None
     missing = {"model", "config", "meta"} - set(state)
     if missing:
         raise CheckpointError(f"{str(file)!r} lacks {sorted(missing)}: not a raymoll checkpoint.")

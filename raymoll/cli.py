@@ -50,7 +50,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     out = evaluate(args.checkpoint, args.data, corruptions_dir=args.corruptions, out=args.out,
                    severities=args.severities, seed=args.seed, batch_size=args.batch_size,
                    device=args.device, run=args.run, subset=args.subset, runner=args.runner,
-                   weights=args.weights)
+                   weights=args.weights, model=args.model, input=args.input)
     print(f"wrote {out}")
 
 
@@ -114,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="continue the interrupted search of this config")
 
     p = verbs.add_parser("evaluate", help="clean + 15x5 corrupted (+4 validation) sets -> Parquet")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or checkpoint.pt")
+    p.add_argument("--checkpoint", help="raymoll checkpoint folder or checkpoint.pt")
+    p.add_argument("--model", metavar="SPEC",
+                   help="instead of --checkpoint, any classifier: torchvision:NAME (e.g. "
+                   "torchvision:resnet18), timm:NAME (pip install 'raymoll[timm]') or "
+                   "python:FILE.py:FN (FN(num_classes) returns an nn.Module)")
+    p.add_argument("--input", default="normalized", choices=("normalized", "unit", "imagenet"),
+                   help="with --model: what it expects: the data's mean/std (normalized), "
+                   "[0, 1] floats (unit, RobustBench's convention) or ImageNet's mean/std")
     p.add_argument("--data", required=True, help="prepared data folder (its test split is used)")
     p.add_argument("--corruptions", help="folder of official -C files; default: generate them")
     p.add_argument("--out", help="Parquet file (default: results/<run>.parquet beside the data)")
@@ -128,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=("local", "ray"), default=None,
                    help="score the sets in this process (local) or on a Ray actor pool (ray); "
                    "default: ray when a Ray cluster with GPUs is attached, else local")
-    p.add_argument("--weights", choices=("selected", "raw", "ema"), default="selected",
-                   help="which weights of the checkpoint to score: raw, ema (needs "
-                   "optim.ema_decay > 0) or selected (what selection chose; default)")
+    p.add_argument("--weights", default="selected",
+                   help="with --checkpoint: raw, ema (needs optim.ema_decay > 0) or selected "
+                   "(what selection chose; default); with --model: a state-dict file "
+                   "(loaded with weights_only=True; default: the model as built)")
     p.set_defaults(func=_evaluate)
 
     p = verbs.add_parser("report", help="plots + summary.md from results Parquet files")

@@ -22,6 +22,8 @@ import torch
 from raymoll.checkpoint import CheckpointError, load_model
 from raymoll.data import load_split, normalizer, read_meta
 from raymoll.errors import RaymollError
+from raymoll.evaluation.external import (check_output, check_spec, input_normalizer,
+                                        load_external)
 from raymoll.evaluation.runners import RUNNERS, LocalRunner, RayRunner, choose_runner
 from raymoll.evaluation.sets import SEVERITIES, EvalSet, eval_sets, official_source, set_seed
 from raymoll.metrics import MetricAccumulator
@@ -110,7 +112,8 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
              corruptions_dir: str | Path | None = None, out: str | Path | None = None,
              severities: Sequence[int] = SEVERITIES, seed: int = 0, batch_size: int = 500,
              device: str | None = None, run: str | None = None, subset: int = 0,
-             runner: str | None = None, weights: str = "selected") -> Path:
+             runner: str | None = None, weights: str | Path | None = "selected",
+             model: str | None = None, input: str = "normalized") -> Path:
     """Score `checkpoint` on the test split of the prepared folder `data_dir`, clean and
     corrupted, raw and temperature-scaled (T fitted on the validation split), and write the
     results table (raymoll.results) to `out`; returns its path.
@@ -118,7 +121,11 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
     out defaults to <data_dir>/../results/<run>.parquet; run defaults to the checkpoint's
     run.name. subset > 0 scores only the first `subset` test images of every set (quick looks,
     the demo). runner: "local", "ray" or None (ray when a cluster with GPUs is attached).
-    weights: "raw", "ema" or "selected" (what the checkpoint's selection chose). Everything is
+    weights: "raw", "ema" or "selected" (what the checkpoint's selection chose). Instead of a
+    checkpoint, `model` names any classifier (raymoll.evaluation.external: torchvision:NAME,
+    timm:NAME, python:FILE.py:FN) with `weights` a state-dict file (None: as built) and
+    `input` what it expects (normalized, unit, imagenet); run and model name the SPEC.
+    Everything is
     checked before the model runs: a bad argument, data folder, checkpoint (class count, image
     size, weights) or -C folder, or an unwritable `out`, raises and leaves `out` untouched.
     """
@@ -128,16 +135,35 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
     if subset > meta["counts"]["test"]:
         raise EvaluateError(f"--subset {subset} is more than the {meta['counts']['test']} test "
                             f"images of {str(data_dir)!r}; use 0 for all of them.")
-    model, state = load_model(checkpoint, "cpu", num_classes=meta["num_classes"],
-                              weights=weights)
-    if list(state["meta"]["image_size"]) != list(meta["image_size"]):
-        raise CheckpointError(f"checkpoint {str(checkpoint)!r} was trained on "
-                              f"{state['meta']['image_size']} px images but {str(data_dir)!r} "
-                              f"holds {meta['image_size']} px images.")
-    cfg = state["config"]
-    run = run or cfg["run"]["name"]
-    checkpoint, out = resolve_paths(checkpoint, data_dir, out, run)
+    if (checkpoint is None) == (model is None):
+        raise EvaluateError("give either a raymoll checkpoint (--checkpoint) or another "
+                            "model (--model SPEC), not both or neither.")
+    if model is not None:
+        check_spec(model, input)
+        model_spec, net = model, None
+        weights = None if weights == "selected" else weights  # a file, or the model as built
+        run = run or model_spec
+        _, out = resolve_paths(model_spec, data_dir, out, run)
+        checkpoint = None
+    else:
+        net, state = load_model(checkpoint, "cpu", num_classes=meta["num_classes"],
+                                weights=weights)
+        if list(state["meta"]["image_size"]) != list(meta["image_size"]):
+            raise CheckpointError(f"checkpoint {str(checkpoint)!r} was trained on "
+                                  f"{state['meta']['image_size']} px images but "
+                                  f"{str(data_dir)!r} holds {meta['image_size']} px images.")
+        run = run or state["config"]["run"]["name"]
+        checkpoint, out = resolve_paths(checkpoint, data_dir, out, run)
     check_writable(out)
+    if net is None:  # built only after the cheap checks; the weights file is checked here
+        net = load_external(model_spec, weights, meta["num_classes"])
+        state = {"config": {"model": {"name": model_spec, "channels_last": False},
+                            "optim": {"bf16": True}, "mollify": {"enabled": False}},
+                 "weights": str(weights) if weights else "initial"}
+        normalize = input_normalizer(input, meta)
+    else:
+        normalize = normalizer(meta)
+    cfg = state["config"]
     official, official_names = official_source(corruptions_dir, meta, subset)
 
     chosen, gpus = choose_runner(runner, device)
@@ -146,9 +172,12 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
     if chosen == "local":
         device = _local_device(device)
     images, labels = load_split(data_dir, "test", subset=subset)
+    if checkpoint is None:
+        check_output(net, normalize, images, meta["num_classes"], model_spec)
+    model = net
     if (gpus or (chosen == "local" and device.type == "cuda")) and cfg["model"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    scorer_kwargs = {"model": model, "normalize": normalizer(meta), "images": images,
+    scorer_kwargs = {"model": model, "normalize": normalize, "images": images,
                      "labels": labels, "batch_size": batch_size, "bf16": cfg["optim"]["bf16"],
                      "seed": seed}
     sets = eval_sets(severities)
@@ -173,14 +202,14 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
         with contextlib.suppress(Exception):  # never hide the real error behind clean-up
             pool.close()
 
-    common = {"run": run, "checkpoint": str(checkpoint), "dataset": meta["dataset"],
-              "model": cfg["model"]["name"], "mollified": cfg["mollify"]["enabled"]}
+    common = {"run": run, "checkpoint": str(checkpoint) if checkpoint else model_spec,
+              "dataset": meta["dataset"], "model": cfg["model"]["name"], "mollified": cfg["mollify"]["enabled"]}
     settings = {"checkpoint": common["checkpoint"], "data": str(Path(data_dir).resolve()),
                 "seed": seed, "severities": severities, "subset": subset,
                 "corruptions": str(Path(corruptions_dir).resolve()) if corruptions_dir
                 else "generated", "official_corruptions": official_names,
                 "epoch": state.get("epoch"), "mollify": cfg["mollify"], "config": cfg,
                 "temperature": temperature, "weights": state.get("weights", "raw"),
-                "runner": chosen}
+                "runner": chosen, "input": input if checkpoint is None else "normalized"}
     rows = [_row(spec, *scored[spec], temperature, common) for spec in sets]
     return write_results(rows, settings, out)
