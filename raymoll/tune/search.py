@@ -17,7 +17,6 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 import yaml
@@ -26,6 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from raymoll.config import Config, ConfigError, from_dict, to_dict
+from raymoll.io import atomic_write
 from raymoll.train.trainer import absolute, build_trainer, worker_resources
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
@@ -137,7 +137,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     finished = len(saved) == expected_trials(cfg.tune) and set(saved.values()) <= DONE
 
     table = trials_table(cfg, grid, saved)
-    trials = _write(os.path.join(path, "trials.parquet"), _parquet_bytes(table))
+    trials = atomic_write(os.path.join(path, "trials.parquet"), _parquet_bytes(table))
     print(ranking(cfg, table))
     if not finished:
         print(f"the search was interrupted; continue it with: raymoll tune --config <this "
@@ -146,7 +146,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
 
     best = grid.get_best_result(metric=cfg.tune.metric, mode=metric_mode(cfg.tune.metric))
     best_cfg = apply_point(cfg, best.config)
-    best_yaml = _write(os.path.join(path, "best.yaml"), best_yaml_text(cfg, best_cfg, best))
+    best_yaml = atomic_write(os.path.join(path, "best.yaml"), best_yaml_text(cfg, best_cfg, best))
     checkpoint = best.metrics.get("checkpoint_path")
     print(f"best trial {best.metrics['trial_id']}: {cfg.tune.metric} = "
           f"{best.metrics[cfg.tune.metric]:.4f}\nbest config: {best_yaml}\n"
@@ -219,11 +219,3 @@ def _parquet_bytes(table: pd.DataFrame) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write(path: str, data: bytes | str) -> str:
-    """Write a file (local or URI) under a temporary name, then rename it: no half files."""
-    fs, where = pyarrow.fs.FileSystem.from_uri(path)
-    temporary = f"{where}.tmp-{os.getpid()}"
-    with fs.open_output_stream(temporary) as stream:
-        stream.write(data.encode() if isinstance(data, str) else data)
-    fs.move(temporary, where)
-    return path
