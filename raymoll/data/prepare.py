@@ -17,6 +17,8 @@ from typing import Iterator
 import numpy as np
 
 from .. import __version__
+from ..io import atomic_write, check_writable_folder, remove_stale_temporaries, temporary_name
+from ..preflight import HINT, read_meta_file
 from .beton import check_beton, field_layout, keep_torch_threads, make_fields
 from .sources import ArraySplit, DataError, Split, load_source
 
@@ -131,6 +133,7 @@ def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
     """
     if image_format not in IMAGE_FORMATS:
         raise DataError(f"image_format {image_format!r} is not one of {', '.join(IMAGE_FORMATS)}.")
+    check_writable_folder(out)  # before the source is read: a bad out fails at once
     source = load_source(dataset, root, **source_kwargs)  # fails before anything is written
     height, width = source.image_size
     if height != width:
@@ -141,7 +144,8 @@ def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
     layout = field_layout(write_mode, max_side if write_mode == "jpg" else None, jpeg_quality)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    temporary = {split: out / f".{split}.beton.tmp-{os.getpid()}" for split in SPLITS}
+    remove_stale_temporaries(out)  # what killed prepares left behind
+    temporary = {split: out / temporary_name(f"{split}.beton") for split in SPLITS}
     try:
         files, counts = {}, {}
         for split in SPLITS:
@@ -165,9 +169,7 @@ def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
         (out / "meta.json").unlink(missing_ok=True)
         for split in SPLITS:
             os.replace(temporary[split], out / f"{split}.beton")
-        meta_tmp = out / f".meta.json.tmp-{os.getpid()}"
-        meta_tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(meta_tmp, out / "meta.json")
+        atomic_write(out / "meta.json", json.dumps(meta, indent=1))
     finally:
         for path in temporary.values():
             path.unlink(missing_ok=True)
@@ -196,35 +198,12 @@ def _check_file(path: Path, info: dict, count: int) -> None:
     _VERIFIED.add(key)
 
 
-META_KEYS = ("dataset", "num_classes", "class_names", "image_size", "variable_size", "mean",
-             "std", "counts", "fields", "files")
-
-
 def read_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared folder, after checking it against its .beton files."""
-    data_dir = Path(data_dir)
-    hint = "create it with `raymoll prepare --dataset NAME --out DIR`"
-    if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist; {hint}.")
-    meta_path = data_dir / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(f"{data_dir} has no meta.json: it is not a prepared data folder, or "
-                        f"prepare was interrupted; {hint}.")
-    try:
-        meta = json.loads(meta_path.read_text())
-        missing = [key for key in META_KEYS if key not in meta]
-    except (json.JSONDecodeError, TypeError) as err:
-        raise DataError(f"{meta_path} is not valid JSON ({err}); {hint}.") from None
-    if missing:
-        raise DataError(f"{meta_path} lacks {', '.join(missing)}: written by another tool or "
-                        f"version; {hint}.")
-    height, width = meta["image_size"]
-    if height != width:
-        raise DataError(f"{data_dir} holds {width}x{height} images; raymoll needs square "
-                        f"images (the heat blur and the corruption presets assume them).")
+    meta, data_dir = read_meta_file(data_dir), Path(data_dir)
     for split in SPLITS:
         path = data_dir / meta["files"][split]["file"]
         if not path.is_file():
-            raise DataError(f"{path} is missing; {hint}.")
+            raise DataError(f"{path} is missing; {HINT}.")
         _check_file(path, meta["files"][split], meta["counts"][split])
     return meta

@@ -26,6 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from raymoll.config import Config, ConfigError, from_dict, to_dict
 from raymoll.io import atomic_write
+from raymoll.preflight import search_exists
 from raymoll.train.trainer import absolute, build_trainer, worker_resources
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
@@ -118,7 +119,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     """
     check_space(cfg)
     path = experiment_path(cfg)
-    exists = tune.Tuner.can_restore(path)
+    exists = search_exists(path)
     if resume and not exists:
         raise ConfigError(f"--resume: there is no search to continue at {path}; run without "
                           "--resume to start it.")
