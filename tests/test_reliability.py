@@ -199,3 +199,35 @@ def test_defect10_earlier_set_survives_a_failed_prepare(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()
             if not p.name.startswith(".")} == before
     assert read_meta(tmp_path)["counts"] == {"train": 64, "test": 32}
+
+
+def test_defect3_prepare_on_a_full_disk_fails_clearly(tmp_path):
+    """A real full disk (a 2 MiB tmpfs): FFCV's worker dies; prepare exits 2, no hang."""
+    from mounts import small_disk
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        done = subprocess.run([sys.executable, "-m", "raymoll.cli", "prepare", "--dataset",
+                               "synthetic", "--out", str(disk / "data")],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert not (disk / "data" / "meta.json").exists()
+        assert [p.name for p in (disk / "data").iterdir()] == []  # no temporaries left
+
+
+def test_defect3_prepare_interrupted_ends_promptly(tmp_path):
+    """Ctrl-C (SIGINT to the prepare process) mid-write: exit 130, the writer's processes gone."""
+    import signal
+    import time
+    import psutil
+    code = ("import sys; from raymoll.cli import main; sys.exit(main(['prepare', '--dataset', "
+            f"'synthetic', '--out', {str(tmp_path)!r}]))")
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not list(tmp_path.glob(".train.beton.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    family = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=20) == 130
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not (tmp_path / "meta.json").exists()

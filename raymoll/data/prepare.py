@@ -1,15 +1,21 @@
 """Write a source to train.beton, test.beton and meta.json; read and check them back.
 
 A prepared folder is finished exactly when meta.json exists: prepare writes every file under a
-temporary name, renames the .beton files into place and writes meta.json last, so an interrupted
-run never leaves a folder that looks finished (and an earlier finished set survives until the
-new one is complete).
+temporary name (raymoll.io), checks it, and only then removes the old meta.json, renames the
+.beton files into place and writes meta.json last. So an interrupted or failed run never leaves
+a folder that looks finished, and an earlier finished set stays whole and usable (meta.json
+included) until every new file is written and checked; only the final renames, milliseconds,
+leave the folder unfinished. Temporaries of killed prepares are removed by the next one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -101,13 +107,71 @@ class _Checked:
             return self.blank, -1
 
 
+def _run_writer(split: Split, path: Path, layout: dict, errors: Path, log: Path) -> None:
+    """The body of the writer process: its own process group (so the parent can stop it and
+    its FFCV workers at once) and its output in `log` (FFCV's progress bar and any traceback)."""
+    os.setpgrp()
+    with open(log, "wb") as out:
+        os.dup2(out.fileno(), 2)
+        os.dup2(out.fileno(), 1)
+    with keep_torch_threads():
+        writer = DatasetWriter(str(path), make_fields(layout),
+                               num_workers=min(os.cpu_count() or 1, 16))
+        writer.from_indexed_dataset(_Checked(split, errors), chunksize=256)
+
+
+def _failure(path: Path, log: Path, what: str) -> DataError:
+    lines = [line for line in log.read_text(errors="replace").splitlines()
+             if line and not line.startswith(" ")] if log.exists() else []
+    reason = next((line for line in reversed(lines) if "Error" in line), "no error was logged")
+    free = shutil.disk_usage(path.parent).free
+    return DataError(f"writing {path.name.split('.tmp-')[0].lstrip('.')} failed: {what} "
+                     f"({reason}; {free / MIB:.0f} MiB free in {path.parent}). Free disk space "
+                     f"(or fix the cause) and re-run prepare; the earlier files are untouched.")
+
+
+def _failed_exit(pid: int) -> bool:
+    """Whether `pid` is a zombie that exited with an error or a signal. Its exit status is the
+    last field of /proc/PID/stat (Linux >= 3.5): a grandchild's, which waitpid cannot see."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:  # gone (reaped) or no /proc
+        return False
+    return fields[0] == "Z" and int(fields[-1]) != 0
+
+
+def _write_in_process(split: Split, path: Path, layout: dict, errors: Path) -> None:
+    """FFCV's writer waits forever when one of its worker processes dies (a full disk, a file
+    size limit) and may hang on Ctrl-C; so it runs in a child process group that is watched:
+    a dead worker, a failed writer or an interrupt stops the whole group within a second."""
+    import psutil
+    log = path.with_name(path.name + ".log")
+    writer = multiprocessing.get_context("fork").Process(
+        target=_run_writer, args=(split, path, layout, errors, log))
+    writer.start()
+    try:
+        while writer.exitcode is None:
+            writer.join(0.2)
+            try:
+                workers = psutil.Process(writer.pid).children()
+            except psutil.NoSuchProcess:
+                continue
+            if any(_failed_exit(worker.pid) for worker in workers):
+                raise _failure(path, log, "an FFCV writer worker died")
+        if writer.exitcode != 0:
+            raise _failure(path, log, f"the writer exited with {writer.exitcode}")
+    finally:
+        if writer.exitcode is None:  # an error or Ctrl-C: stop the writer and its workers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(writer.pid, signal.SIGKILL)
+            writer.join()
+        log.unlink(missing_ok=True)
+
+
 def _write_split(split: Split, path: Path, layout: dict) -> None:
     errors = path.with_name(path.name + ".errors")
     try:
-        with keep_torch_threads():
-            writer = DatasetWriter(str(path), make_fields(layout),
-                                   num_workers=min(os.cpu_count() or 1, 16))
-            writer.from_indexed_dataset(_Checked(split, errors), chunksize=256)
+        _write_in_process(split, path, layout, errors)
         if errors.exists():
             lines = errors.read_text().splitlines()
             raise DataError(f"{len(lines)} samples could not be read while writing {path.name}; "
