@@ -20,7 +20,7 @@ META_FILE = "meta.json"
 TUNER_STATE = "tuner.pkl"  # the file Ray Tune's Tuner.can_restore looks for
 HINT = "create it with `raymoll prepare --dataset NAME --out DIR`"
 META_KEYS = ("dataset", "num_classes", "class_names", "image_size", "variable_size", "mean",
-             "std", "counts", "fields", "files")
+             "std", "counts", "val", "fields", "files")
 
 
 def read_meta_file(data_dir: str | Path) -> dict:
@@ -38,6 +38,12 @@ def read_meta_file(data_dir: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{str(meta_path)!r} is not valid JSON ({err}); {HINT}.") from None
     missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else ["all"]
+    if "val" in missing and "counts" not in missing and "val" not in meta["counts"]:
+        dataset = meta.get("dataset", "NAME")
+        raise DataError(f"{str(data_dir)!r} was prepared before raymoll held out a validation "
+                        f"split (it has no val.beton): training would select on the test split. "
+                        f"Re-prepare it with `raymoll prepare --dataset {dataset} --out "
+                        f"{data_dir}` (--val-fraction, --val-seed choose the split).")
     if missing:
         raise DataError(f"{str(meta_path)!r} lacks {', '.join(missing)}: written by another "
                         f"tool or version; {HINT}.")

@@ -37,6 +37,16 @@ SCHEMA = pa.schema([
     ("bin_count", pa.list_(pa.int64())),
     ("bin_confidence", pa.list_(pa.float64())),
     ("bin_accuracy", pa.list_(pa.float64())),
+    # After post-hoc temperature scaling (logits / temperature, T fitted on the clean
+    # validation split; NaN when the data folder has none). Accuracy does not change; the
+    # reliability bins do (confidences move between bins).
+    ("temperature", pa.float64()),
+    ("nll_ts", pa.float64()),
+    ("ece_ts", pa.float64()),
+    ("brier_ts", pa.float64()),
+    ("bin_count_ts", pa.list_(pa.int64())),
+    ("bin_confidence_ts", pa.list_(pa.float64())),
+    ("bin_accuracy_ts", pa.list_(pa.float64())),
 ])
 
 

@@ -1,4 +1,5 @@
-"""Datasets to FFCV .beton files, the FFCV loader for one DDP rank, and batch augmentation.
+"""Datasets to FFCV .beton files, the FFCV loader for one DDP rank, batch augmentation and
+MixUp/CutMix.
 
 The names load on first use (PEP 562): importing FFCV and numba takes seconds, and the CLI's
 up-front checks use `raymoll.data.sources` without them.
@@ -9,8 +10,8 @@ import importlib
 import sys
 import types
 
-_MODULE_OF = {"AUGMENTS": "augment", "BatchAugment": "augment", "batch_mix": "augment",
-              "flip_crop_rotate": "augment", "load_split": "loader", "make_loader": "loader",
+_MODULE_OF = {"AUGMENTS": "augment", "BatchAugment": "augment", "flip_crop_rotate": "augment",
+              "BatchMix": "mix", "batch_mix": "mix", "load_split": "loader", "make_loader": "loader",
               "normalizer": "loader", "prepare": "prepare", "read_meta": "prepare",
               "DATASETS": "sources", "DataError": "sources", "load_source": "sources"}
 
