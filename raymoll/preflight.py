@@ -73,11 +73,11 @@ def check_run_config(cfg: Config, meta: dict, where: str = "") -> None:
     def fail(message: str) -> None:
         raise ConfigError(f"{where}{message}")
 
-    for key, split in (("train_subset", "train"), ("test_subset", "test")):
-        asked = getattr(cfg.data, key)
-        if asked > counts[split]:
-            fail(f"config key 'data.{key}' = {asked} exceeds the {counts[split]} {split} images "
-                 f"of {data} (meta.json); use at most {counts[split]}, or 0 for all.")
+    # eval.val_subset needs no check: the loader takes min(val_subset, the split's size).
+    if cfg.data.train_subset > counts["train"]:
+        fail(f"config key 'data.train_subset' = {cfg.data.train_subset} exceeds the "
+             f"{counts['train']} training images of {data} (meta.json); use at most "
+             f"{counts['train']}, or 0 for all.")
     images = cfg.data.train_subset or counts["train"]
     per_worker = images // cfg.run.num_workers
     if cfg.data.batch_size > per_worker:

@@ -31,7 +31,6 @@ def cases(data: Path, scratch: Path) -> dict[str, list[str]]:
     tune = ["tune", f"data.path={data}", f"run.storage_path={scratch / 'runs'}", space]
     return {
         "train: data.train_subset > split": [*train, "data.train_subset=100000"],
-        "train: data.test_subset > split": [*train, "data.test_subset=100000"],
         "train: sigma_min >= image width": [*train, "mollify.sigma_min=32"],
         "train: batch_size > training subset": [*train, "data.train_subset=50",
                                                 "data.batch_size=64"],
