@@ -120,6 +120,17 @@ def search_exists(path: str) -> bool:
     return fs.get_file_info(f"{where}/{TUNER_STATE}").type != pyarrow.fs.FileType.NotFound
 
 
+def check_search_state(path: str, resume: bool) -> None:
+    """--resume needs a started search at `path`; a new search needs none there."""
+    exists = search_exists(path)
+    if resume and not exists:
+        raise ConfigError(f"--resume: there is no search to continue at {path}; run without "
+                          "--resume to start it.")
+    if exists and not resume:
+        raise ConfigError(f"a search already exists at {path}: pass --resume to continue it, "
+                          "or choose another run.name.")
+
+
 def check_tune(cfg: Config, resume: bool) -> dict:
     """Everything `raymoll tune` can check before Ray: the space, the data against every probe
     point of the space, the storage, and --resume against what is on disk."""
@@ -130,12 +141,5 @@ def check_tune(cfg: Config, resume: bool) -> dict:
         check_run_config(apply_point(cfg, point), meta, where=f"tune.space at {point}: ")
     check_storage(cfg)
     path = os.path.join(cfg.run.storage_path, cfg.run.name)
-    path = path if is_uri(path) else os.path.abspath(path)
-    exists = search_exists(path)
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no search to continue at {path}; run without "
-                          "--resume to start it.")
-    if exists and not resume:
-        raise ConfigError(f"a search already exists at {path}: pass --resume to continue it, "
-                          "or choose another run.name.")
+    check_search_state(path if is_uri(path) else os.path.abspath(path), resume)
     return meta

@@ -26,9 +26,9 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from raymoll.config import Config, ConfigError, from_dict, to_dict
+from raymoll.config import Config, from_dict, to_dict
 from raymoll.io import atomic_write
-from raymoll.preflight import search_exists
+from raymoll.preflight import check_search_state
 from raymoll.train.trainer import absolute, build_trainer, worker_resources
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
@@ -121,13 +121,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     """
     check_space(cfg)
     path = experiment_path(cfg)
-    exists = search_exists(path)
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no search to continue at {path}; run without "
-                          "--resume to start it.")
-    if exists and not resume:
-        raise ConfigError(f"a search already exists at {path}: pass --resume to continue it, "
-                          "or choose another run.name.")
+    check_search_state(path, resume)
     if resume:  # finished trials stay finished; unfinished ones go on from their checkpoints
         tuner = tune.Tuner.restore(path, _trainable(cfg, path), resume_unfinished=True,
                                    restart_errored=True)
