@@ -17,6 +17,7 @@ from torch import nn
 
 from raymoll.models import build_model
 from raymoll.errors import RaymollError
+from raymoll.io import atomic_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -26,12 +27,11 @@ class CheckpointError(RaymollError):
 
 
 def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` to folder/checkpoint.pt through a temporary name; returns the file."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    return tmp.replace(folder / CHECKPOINT_FILE)
+    """Write `state` to folder/checkpoint.pt atomically (raymoll.io); returns the file."""
+    file = Path(folder) / CHECKPOINT_FILE
+    with atomic_path(file) as temporary:
+        torch.save(state, temporary)
+    return file
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

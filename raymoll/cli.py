@@ -11,6 +11,8 @@ import sys
 
 from raymoll.config import Config, help_text, load_config
 from raymoll.errors import RaymollError
+from raymoll.io import check_writable_folder
+from raymoll.preflight import check_train, check_tune
 
 
 class TrainingFailed(RaymollError):
@@ -18,6 +20,9 @@ class TrainingFailed(RaymollError):
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    from raymoll.data.sources import check_dataset  # light: no FFCV
+    check_dataset(args.dataset)
+    check_writable_folder(args.out)  # before FFCV and numba load (seconds)
     from raymoll.data import prepare
     out = prepare(args.dataset, args.out, root=args.root, image_format=args.format,
                   max_side=args.max_side, jpeg_quality=args.jpeg_quality,
@@ -25,15 +30,17 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def _check_data(cfg: Config) -> None:
-    """The data folder of `train` and `tune`, checked before Ray starts."""
+def _check_data_files(cfg: Config) -> None:
+    """The .beton files against meta.json (FFCV's reader, hashes): after the fast checks of
+    raymoll.preflight, still before Ray starts."""
     from raymoll.data import read_meta
     read_meta(cfg.data.path)
 
 
 def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on a bad value
-    _check_data(cfg)
+    check_train(cfg)
+    _check_data_files(cfg)
     import ray.train
     from raymoll.runtime import init_ray
     from raymoll.train import fit, summary
@@ -56,15 +63,16 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _tune(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
-    from raymoll.tune import run_search, check_space
-    check_space(cfg)
-    _check_data(cfg)
+    check_tune(cfg, resume=args.resume)
+    _check_data_files(cfg)
+    from raymoll.tune import run_search
     from raymoll.runtime import init_ray
     init_ray()
     run_search(cfg, resume=args.resume)
 
 
 def _report(args: argparse.Namespace) -> None:
+    check_writable_folder(args.out)  # before matplotlib loads
     from raymoll.report import report
     out = report(args.results, args.out, reliability=args.reliability)
     print(f"wrote {out}")
@@ -74,6 +82,17 @@ def _demo(args: argparse.Namespace) -> None:
     from raymoll.demo import run_demo
     run_demo(out=args.out, epochs=args.epochs, dataset=args.dataset, use_gpu=args.gpu,
              train_subset=args.train_subset, width=args.width)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 would otherwise silently mean "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,10 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "smoothing and mollified models, evaluate, report (Fashion-MNIST, "
                          "under 10 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs per model")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (offline) or cifar10")
-    p.add_argument("--train-subset", type=int, default=None, help="training images used")
-    p.add_argument("--width", type=int, default=None, help="smallcnn width")
+    p.add_argument("--train-subset", type=_positive_int, default=None,
+                   help="training images used")
+    p.add_argument("--width", type=_positive_int, default=None, help="smallcnn width")
     p.add_argument("--gpu", action="store_true", help="train and evaluate on a GPU")
     p.set_defaults(func=_demo)
 

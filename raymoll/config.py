@@ -291,6 +291,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"--config {str(path)!r} is a folder; pass a YAML file in it, "
+                              f"e.g. {str(path / 'NAME.yaml')!r}.")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist.")
         data = _read_yaml(path)
@@ -315,6 +318,9 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text (UTF-8 YAML) file: it holds "
+                          f"binary data.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections.")
     base = data.pop("extends", None)

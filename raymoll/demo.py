@@ -63,9 +63,9 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None,
     from raymoll.runtime import init_ray
 
     started, out = time.perf_counter(), Path(out).resolve()
-    configs = demo_configs(out / "data" / dataset, out, epochs or EPOCHS,
+    configs = demo_configs(out / "data" / dataset, out, EPOCHS if epochs is None else epochs,
                            TRAIN_SUBSET if train_subset is None else train_subset,
-                           width or WIDTH, use_gpu)
+                           WIDTH if width is None else width, use_gpu)
     data = Path(configs[0].data.path)
 
     _say(f"1/4 preparing {dataset} in {data}", started)

@@ -18,7 +18,8 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from raymoll.results import ResultsError, read_results, run_settings, writing
+from raymoll.io import atomic_path, atomic_write, check_writable_folder
+from raymoll.results import ResultsError, read_results, run_settings
 
 TEST_FAMILIES = ("noise", "blur", "weather", "digital")
 FAMILIES = TEST_FAMILIES + ("validation",)
@@ -104,7 +105,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 
 
 def _save(fig: Figure, path: Path) -> None:
-    with writing(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
@@ -274,15 +275,14 @@ def report(results: Sequence[str | Path], out: str | Path, reliability: str = "r
         raise ResultsError(f"reliability must be one of {', '.join(RELIABILITY)}, got "
                            f"{reliability!r}.")
     files = [str(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
+    check_writable_folder(out)
     table = read_results(files)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     runs = _by_run(table)
     _vs_severity(runs, "accuracy", "accuracy", out / "accuracy_vs_severity.png")
     _vs_severity(runs, "ece", "ECE", out / "ece_vs_severity.png")
     _reliability(runs, out / "reliability.png", "_ts" if reliability == "ts" else "")
     _corruption_bars(runs, out / "corruption_accuracy.png")
     summary = out / "summary.md"
-    with writing(summary) as tmp:
-        tmp.write_text(_summary(table, files))
+    atomic_write(summary, _summary(table, files))
     return summary

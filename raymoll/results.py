@@ -8,17 +8,15 @@ b"raymoll", as {run name: settings}; files stay plain Parquet for pandas, DuckDB
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymoll.errors import RaymollError
+from raymoll.io import atomic_path
 
 METADATA_KEY = b"raymoll"
 
@@ -56,41 +54,6 @@ class ResultsError(RaymollError):
     """A file that is not a raymoll results table, or rows that do not fit the schema."""
 
 
-@contextlib.contextmanager
-def writing(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is
-    removed, so a reader never sees a half-written file and an old file survives a failure."""
-    path = Path(path)
-    check_writable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):  # clean-up never raises over the real error
-            tmp.unlink(missing_ok=True)
-
-
-def check_writable(path: str | Path) -> None:
-    """Raise ResultsError unless a file can be written at `path`: its nearest existing
-    ancestor must be a folder in which a file can be created (probed, so read-only mounts and
-    permissions are both caught). Creates nothing that stays; call it before any work."""
-    path = Path(path).absolute()
-    ancestor = path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ResultsError(f"cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a "
-                           f"folder; choose another output path.")
-    try:
-        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".raymoll-probe-"):
-            pass
-    except OSError as err:
-        raise ResultsError(f"cannot write {str(path)!r}: {str(ancestor)!r} is not writable "
-                           f"({err.strerror}); choose another output path.") from None
-
-
 def write_results(rows: Sequence[dict[str, Any]], metadata: dict[str, Any],
                   path: str | Path) -> Path:
     """Write one run's rows (dicts with the SCHEMA columns) to `path` atomically.
@@ -105,7 +68,7 @@ def write_results(rows: Sequence[dict[str, Any]], metadata: dict[str, Any],
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as err:
         raise ResultsError(f"rows do not fit the results schema: {err}") from None
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps({runs.pop(): metadata})})
-    with writing(path) as tmp:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
 

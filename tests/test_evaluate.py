@@ -16,7 +16,7 @@ from raymoll.corruptions.official import CorruptionFilesError
 from raymoll.errors import RaymollError
 from raymoll.evaluate import EvaluateError, evaluate, set_seed
 from raymoll.evaluation.scoring import SetScorer, fit_temperature
-from raymoll.results import ResultsError
+from raymoll.io import WriteError
 from raymoll.metrics import (accuracy, brier_score, expected_calibration_error,
                              negative_log_likelihood)
 from raymoll.models import build_model
@@ -307,7 +307,7 @@ def test_defect2_unwritable_out_fails_before_any_work(tmp_path, data_dir, checkp
         out = Path("/proc/raymoll-not-writable/r.parquet")  # read-only even for root
     scored = []
     monkeypatch.setattr(SetScorer, "__call__", lambda *a, **k: scored.append(1))
-    with pytest.raises(ResultsError, match="cannot write"):
+    with pytest.raises(WriteError, match="cannot write"):  # raymoll.io's up-front check
         evaluate(checkpoint, data_dir, out=out, device="cpu")
     assert not scored  # refused before the first set was scored
 

@@ -40,6 +40,7 @@ BENCHMARKS = {
     "corruptions": Benchmark(False, ("--n", "100")),
     "evaluate": Benchmark(True, ("--n", "500", "--model", "smallcnn")),
     "tune_startup": Benchmark(False, ("--trials", "2", "--epochs", "2")),
+    "bad_inputs": Benchmark(False, ()),
 }
 COLUMNS = ("benchmark", "what was compared", "measured", "target", "result")
 

@@ -6,15 +6,21 @@ Training, checkpoint selection and search read train and val only; the test spli
 `raymoll evaluate` alone.
 
 A prepared folder is finished exactly when meta.json exists: prepare writes every file under a
-temporary name, renames the .beton files into place and writes meta.json last, so an interrupted
-run never leaves a folder that looks finished (and an earlier finished set survives until the
-new one is complete).
+temporary name (raymoll.io), checks it, and only then removes the old meta.json, renames the
+.beton files into place and writes meta.json last. So an interrupted or failed run never leaves
+a folder that looks finished, and an earlier finished set stays whole and usable (meta.json
+included) until every new file is written and checked; only the final renames, milliseconds,
+leave the folder unfinished. Temporaries of killed prepares are removed by the next one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from .. import __version__
+from ..io import atomic_write, check_writable_folder, remove_stale_temporaries, temporary_name
+from ..preflight import HINT, read_meta_file
 from .beton import check_beton, field_layout, keep_torch_threads, make_fields
 from .sources import ArraySplit, DataError, Split, load_source, stratified_indices, subset
 
@@ -105,13 +113,71 @@ class _Checked:
             return self.blank, -1
 
 
+def _run_writer(split: Split, path: Path, layout: dict, errors: Path, log: Path) -> None:
+    """The body of the writer process: its own process group (so the parent can stop it and
+    its FFCV workers at once) and its output in `log` (FFCV's progress bar and any traceback)."""
+    os.setpgrp()
+    with open(log, "wb") as out:
+        os.dup2(out.fileno(), 2)
+        os.dup2(out.fileno(), 1)
+    with keep_torch_threads():
+        writer = DatasetWriter(str(path), make_fields(layout),
+                               num_workers=min(os.cpu_count() or 1, 16))
+        writer.from_indexed_dataset(_Checked(split, errors), chunksize=256)
+
+
+def _failure(path: Path, log: Path, what: str) -> DataError:
+    lines = [line for line in log.read_text(errors="replace").splitlines()
+             if line and not line.startswith(" ")] if log.exists() else []
+    reason = next((line for line in reversed(lines) if "Error" in line), "no error was logged")
+    free = shutil.disk_usage(path.parent).free
+    return DataError(f"writing {path.name.split('.tmp-')[0].lstrip('.')} failed: {what} "
+                     f"({reason}; {free / MIB:.0f} MiB free in {path.parent}). Free disk space "
+                     f"(or fix the cause) and re-run prepare; the earlier files are untouched.")
+
+
+def _failed_exit(pid: int) -> bool:
+    """Whether `pid` is a zombie that exited with an error or a signal. Its exit status is the
+    last field of /proc/PID/stat (Linux >= 3.5): a grandchild's, which waitpid cannot see."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:  # gone (reaped) or no /proc
+        return False
+    return fields[0] == "Z" and int(fields[-1]) != 0
+
+
+def _write_in_process(split: Split, path: Path, layout: dict, errors: Path) -> None:
+    """FFCV's writer waits forever when one of its worker processes dies (a full disk, a file
+    size limit) and may hang on Ctrl-C; so it runs in a child process group that is watched:
+    a dead worker, a failed writer or an interrupt stops the whole group within a second."""
+    import psutil
+    log = path.with_name(path.name + ".log")
+    writer = multiprocessing.get_context("fork").Process(
+        target=_run_writer, args=(split, path, layout, errors, log))
+    writer.start()
+    try:
+        while writer.exitcode is None:
+            writer.join(0.2)
+            try:
+                workers = psutil.Process(writer.pid).children()
+            except psutil.NoSuchProcess:
+                continue
+            if any(_failed_exit(worker.pid) for worker in workers):
+                raise _failure(path, log, "an FFCV writer worker died")
+        if writer.exitcode != 0:
+            raise _failure(path, log, f"the writer exited with {writer.exitcode}")
+    finally:
+        if writer.exitcode is None:  # an error or Ctrl-C: stop the writer and its workers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(writer.pid, signal.SIGKILL)
+            writer.join()
+        log.unlink(missing_ok=True)
+
+
 def _write_split(split: Split, path: Path, layout: dict) -> None:
     errors = path.with_name(path.name + ".errors")
     try:
-        with keep_torch_threads():
-            writer = DatasetWriter(str(path), make_fields(layout),
-                                   num_workers=min(os.cpu_count() or 1, 16))
-            writer.from_indexed_dataset(_Checked(split, errors), chunksize=256)
+        _write_in_process(split, path, layout, errors)
         if errors.exists():
             lines = errors.read_text().splitlines()
             raise DataError(f"{len(lines)} samples could not be read while writing {path.name}; "
@@ -145,6 +211,7 @@ def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
                         f"is what training selects on, so it cannot be empty.")
     if val_seed < 0:
         raise DataError(f"val_seed {val_seed!r} must be >= 0.")
+    check_writable_folder(out)  # before the source is read: a bad out fails at once
     source = load_source(dataset, root, **source_kwargs)  # fails before anything is written
     val_indices, train_indices = stratified_indices(source.train.labels, val_fraction, val_seed)
     if len(val_indices) == 0 or len(train_indices) == 0:
@@ -161,7 +228,8 @@ def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
     layout = field_layout(write_mode, max_side if write_mode == "jpg" else None, jpeg_quality)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    temporary = {split: out / f".{split}.beton.tmp-{os.getpid()}" for split in SPLITS}
+    remove_stale_temporaries(out)  # what killed prepares left behind
+    temporary = {split: out / temporary_name(f"{split}.beton") for split in SPLITS}
     try:
         files, counts = {}, {}
         for split in SPLITS:
@@ -187,9 +255,7 @@ def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
         (out / "meta.json").unlink(missing_ok=True)
         for split in SPLITS:
             os.replace(temporary[split], out / f"{split}.beton")
-        meta_tmp = out / f".meta.json.tmp-{os.getpid()}"
-        meta_tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(meta_tmp, out / "meta.json")
+        atomic_write(out / "meta.json", json.dumps(meta, indent=1))
     finally:
         for path in temporary.values():
             path.unlink(missing_ok=True)
@@ -218,41 +284,12 @@ def _check_file(path: Path, info: dict, count: int) -> None:
     _VERIFIED.add(key)
 
 
-META_KEYS = ("dataset", "num_classes", "class_names", "image_size", "variable_size", "mean",
-             "std", "counts", "val", "fields", "files")
-
-
 def read_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared folder, after checking it against its .beton files."""
-    data_dir = Path(data_dir)
-    hint = "create it with `raymoll prepare --dataset NAME --out DIR`"
-    if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist; {hint}.")
-    meta_path = data_dir / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(f"{data_dir} has no meta.json: it is not a prepared data folder, or "
-                        f"prepare was interrupted; {hint}.")
-    try:
-        meta = json.loads(meta_path.read_text())
-        missing = [key for key in META_KEYS if key not in meta]
-    except (json.JSONDecodeError, TypeError) as err:
-        raise DataError(f"{meta_path} is not valid JSON ({err}); {hint}.") from None
-    if "val" in missing and "counts" not in missing and "val" not in meta["counts"]:
-        dataset = meta.get("dataset", "NAME")
-        raise DataError(f"{data_dir} was prepared before raymoll held out a validation split "
-                        f"(it has no val.beton): training would select on the test split. "
-                        f"Re-prepare it with `raymoll prepare --dataset {dataset} --out "
-                        f"{data_dir}` (--val-fraction, --val-seed choose the split).")
-    if missing:
-        raise DataError(f"{meta_path} lacks {', '.join(missing)}: written by another tool or "
-                        f"version; {hint}.")
-    height, width = meta["image_size"]
-    if height != width:
-        raise DataError(f"{data_dir} holds {width}x{height} images; raymoll needs square "
-                        f"images (the heat blur and the corruption presets assume them).")
+    meta, data_dir = read_meta_file(data_dir), Path(data_dir)
     for split in SPLITS:
         path = data_dir / meta["files"][split]["file"]
         if not path.is_file():
-            raise DataError(f"{path} is missing; {hint}.")
+            raise DataError(f"{path} is missing; {HINT}.")
         _check_file(path, meta["files"][split], meta["counts"][split])
     return meta

@@ -263,7 +263,8 @@ def _image_files(folder: Path) -> list[Path]:
 def tinyimagenet(root: Path | None = None) -> Source:
     """The standard `tiny-imagenet-200` folder; its labelled `val` split is the test split."""
     root = Path(root) if root is not None else DEFAULT_ROOT / "tiny-imagenet-200"
-    needed = [root / "wnids.txt", root / "train", root / "val" / "val_annotations.txt"]
+    needed = [root / "wnids.txt", root / "train", root / "val" / "val_annotations.txt",
+              root / "val" / "images"]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise DataError(f"Tiny-ImageNet is incomplete or absent: missing {', '.join(missing)}. "
@@ -277,13 +278,23 @@ def tinyimagenet(root: Path | None = None) -> Source:
             wnid, _, text = line.partition("\t")
             words[wnid] = text.split(",")[0].strip()
     train_files, train_labels = [], []
+    absent = [wnid for wnid in wnids if not (root / "train" / wnid / "images").is_dir()]
+    if absent:
+        raise DataError(f"Tiny-ImageNet at {root} is incomplete: {len(absent)} classes of "
+                        f"wnids.txt have no train/<wnid>/images folder (the first: "
+                        f"{root / 'train' / absent[0] / 'images'}). Unpack the archive again.")
     for wnid in wnids:
         files = _image_files(root / "train" / wnid / "images")
         train_files += files
         train_labels += [index[wnid]] * len(files)
     test_files, test_labels = [], []
-    for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
-        name, wnid = line.split("\t")[:2]
+    annotations = root / "val" / "val_annotations.txt"
+    for number, line in enumerate(annotations.read_text().splitlines(), 1):
+        name, _, rest = line.partition("\t")
+        wnid = rest.split("\t")[0]
+        if wnid not in index:
+            raise DataError(f"{annotations} line {number} labels {name!r} with {wnid!r}, which "
+                            f"is not a class of wnids.txt: the two files do not belong together.")
         test_files.append(root / "val" / "images" / name)
         test_labels.append(index[wnid])
     return Source("tinyimagenet", FileSplit(train_files, train_labels, (64, 64)),
@@ -314,6 +325,9 @@ def imagefolder(root: Path | None = None, image_size: int = 224) -> Source:
             found = _image_files(folder) if folder.is_dir() else []
             files += found
             labels += [k] * len(found)
+        if not files:
+            raise DataError(f"imagefolder {root}: {split}/ has class folders but no images "
+                            f"in them (extensions {', '.join(sorted(IMAGE_EXTENSIONS))}).")
         splits.append(FileSplit(files, labels))
     return Source("imagefolder", *splits, classes, (image_size, image_size))
 
@@ -322,8 +336,13 @@ _SOURCES = {"cifar10": cifar10, "cifar100": cifar100, "tinyimagenet": tinyimagen
             "imagefolder": imagefolder, "fashion-mnist": fashion_mnist, "synthetic": synthetic}
 
 
-def load_source(name: str, root: str | Path | None = None, **kwargs) -> Source:
-    """The named dataset's splits; raises DataError when it is unknown or absent."""
+def check_dataset(name: str) -> None:
+    """Raise DataError unless `name` is one of DATASETS."""
     if name not in _SOURCES:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}.")
+
+
+def load_source(name: str, root: str | Path | None = None, **kwargs) -> Source:
+    """The named dataset's splits; raises DataError when it is unknown or absent."""
+    check_dataset(name)
     return _SOURCES[name](Path(root) if root is not None else None, **kwargs)

@@ -27,7 +27,8 @@ from raymoll.evaluation.external import (check_output, check_spec, input_normali
 from raymoll.evaluation.runners import RUNNERS, LocalRunner, RayRunner, choose_runner
 from raymoll.evaluation.sets import SEVERITIES, EvalSet, eval_sets, official_source, set_seed
 from raymoll.metrics import MetricAccumulator
-from raymoll.results import check_writable, write_results
+from raymoll.io import check_writable
+from raymoll.results import write_results
 
 __all__ = ["EvaluateError", "EvalSet", "RUNNERS", "SEVERITIES", "eval_sets", "evaluate",
            "set_seed"]

@@ -19,7 +19,6 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 import yaml
@@ -27,7 +26,9 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from raymoll.config import Config, ConfigError, from_dict, to_dict
+from raymoll.config import Config, from_dict, to_dict
+from raymoll.io import atomic_write
+from raymoll.preflight import check_search_state
 from raymoll.train.trainer import absolute, build_trainer, worker_resources
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
@@ -120,13 +121,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     """
     check_space(cfg)
     path = experiment_path(cfg)
-    exists = tune.Tuner.can_restore(path)
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no search to continue at {path}; run without "
-                          "--resume to start it.")
-    if exists and not resume:
-        raise ConfigError(f"a search already exists at {path}: pass --resume to continue it, "
-                          "or choose another run.name.")
+    check_search_state(path, resume)
     if resume:  # finished trials stay finished; unfinished ones go on from their checkpoints
         tuner = tune.Tuner.restore(path, _trainable(cfg, path), resume_unfinished=True,
                                    restart_errored=True)
@@ -139,7 +134,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     finished = len(saved) == expected_trials(cfg.tune) and set(saved.values()) <= DONE
 
     table = trials_table(cfg, grid, saved)
-    trials = _write(os.path.join(path, "trials.parquet"), _parquet_bytes(table))
+    trials = atomic_write(os.path.join(path, "trials.parquet"), _parquet_bytes(table))
     print(ranking(cfg, table))
     if not finished:
         print(f"the search was interrupted; continue it with: raymoll tune --config <this "
@@ -148,7 +143,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
 
     best = grid.get_best_result(metric=cfg.tune.metric, mode=metric_mode(cfg.tune.metric))
     best_cfg = apply_point(cfg, best.config)
-    best_yaml = _write(os.path.join(path, "best.yaml"), best_yaml_text(cfg, best_cfg, best))
+    best_yaml = atomic_write(os.path.join(path, "best.yaml"), best_yaml_text(cfg, best_cfg, best))
     checkpoint = best.metrics.get("checkpoint_path")
     print(f"best trial {best.metrics['trial_id']}: {cfg.tune.metric} = "
           f"{best.metrics[cfg.tune.metric]:.4f}\nbest config: {best_yaml}\n"
@@ -221,11 +216,3 @@ def _parquet_bytes(table: pd.DataFrame) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write(path: str, data: bytes | str) -> str:
-    """Write a file (local or URI) under a temporary name, then rename it: no half files."""
-    fs, where = pyarrow.fs.FileSystem.from_uri(path)
-    temporary = f"{where}.tmp-{os.getpid()}"
-    with fs.open_output_stream(temporary) as stream:
-        stream.write(data.encode() if isinstance(data, str) else data)
-    fs.move(temporary, where)
-    return path

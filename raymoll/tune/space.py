@@ -159,6 +159,16 @@ def probe_points(space: dict) -> list[dict[str, Any]]:
             for corner in (low, high) for i in range(steps)]
 
 
+def check_objective(t: TuneConfig) -> None:
+    """Raise ConfigError unless tune.objective weighs known metrics (train reports it too)."""
+    weights = list((t.objective or {}).values())
+    if (not t.objective or set(t.objective) - set(OBJECTIVE_KEYS)
+            or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights)):
+        raise ConfigError(f"config key 'tune.objective' = {t.objective!r} must give finite weights "
+                          f"to one or more of {', '.join(OBJECTIVE_KEYS)} (never the 15 test "
+                          "corruptions).")
+
+
 def check_space(cfg: Config) -> None:
     """Raise ConfigError for an empty, malformed or inconsistent search space or objective,
     before Ray starts: every spec is checked, then configs are built at the probe points."""
@@ -176,12 +186,7 @@ def check_space(cfg: Config) -> None:
             raise ConfigError(f"tune.space['{key}']: a search cannot search its own settings.")
         _check_spec(key, spec, t.search)
     metric_mode(t.metric)
-    weights = list((t.objective or {}).values())
-    if (not t.objective or set(t.objective) - set(OBJECTIVE_KEYS)
-            or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights)):
-        raise ConfigError(f"config key 'tune.objective' = {t.objective!r} must give finite weights "
-                          f"to one or more of {', '.join(OBJECTIVE_KEYS)} (never the 15 test "
-                          "corruptions).")
+    check_objective(t)
     if not t.trial_cpus > 0:
         raise ConfigError("config key 'tune.trial_cpus' must be > 0 (Ray refuses a trial with "
                           "no CPU); a fraction such as 0.25 lets trial drivers share a core.")
