@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -359,8 +360,13 @@ def test_killed_prepare_leaves_nothing_finished(tmp_path):
         while not list(tmp_path.glob(".train.beton.tmp-*")) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
+        writers = psutil.Process(proc.pid).children(recursive=True)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the writer's worker processes too
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert writers  # the writer group was running
+    # The writer runs in its own process group: orphaned, it stops itself and its workers.
+    _, alive = psutil.wait_procs(writers, timeout=10)
+    assert not alive
     assert list(tmp_path.glob(".train.beton.tmp-*"))  # it was killed while writing
     assert not (tmp_path / "meta.json").exists() and not list(tmp_path.glob("*.beton"))

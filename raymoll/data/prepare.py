@@ -22,6 +22,8 @@ import os
 import shutil
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -117,6 +119,7 @@ def _run_writer(split: Split, path: Path, layout: dict, errors: Path, log: Path)
     """The body of the writer process: its own process group (so the parent can stop it and
     its FFCV workers at once) and its output in `log` (FFCV's progress bar and any traceback)."""
     os.setpgrp()
+    threading.Thread(target=_die_with_parent, args=(os.getppid(),), daemon=True).start()
     with open(log, "wb") as out:
         os.dup2(out.fileno(), 2)
         os.dup2(out.fileno(), 1)
@@ -124,6 +127,14 @@ def _run_writer(split: Split, path: Path, layout: dict, errors: Path, log: Path)
         writer = DatasetWriter(str(path), make_fields(layout),
                                num_workers=min(os.cpu_count() or 1, 16))
         writer.from_indexed_dataset(_Checked(split, errors), chunksize=256)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the writer: a prepare killed outright (SIGKILL, a lost shell) cannot stop the group
+    it started, so the group stops itself once it is orphaned (its parent pid changes)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def _failure(path: Path, log: Path, what: str) -> DataError:
