@@ -34,14 +34,19 @@ def _fits(node: dict[str, float], worker: dict[str, float]) -> int:
                default=sys.maxsize)
 
 
-def placeable_workers(worker: dict[str, float]) -> int:
+def placeable_workers(worker: dict[str, float]) -> int | None:
     """Upper bound on the workers of reservation `worker` (e.g. {"CPU": 1, "GPU": 1}) the
     attached Ray can place: its alive nodes, plus every node its autoscaler may add (the node
-    groups the autoscaler reports to the GCS; -1 nodes = unbounded)."""
+    groups the autoscaler reports to the GCS; -1 nodes = unbounded). None when an autoscaler
+    runs that does not report its node types (Ray's v1 autoscaler): nothing can be ruled out."""
+    from ray._private import ray_constants
     from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
     count = sum(_fits(n["Resources"], worker) for n in ray.nodes() if n["Alive"])
-    config = state.get_cluster_config()  # None without an autoscaler
-    for group in config.node_group_configs if config else []:
+    config = state.get_cluster_config()  # None without an autoscaler, or with the v1 one
+    if config is None:
+        return None if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) else count
+    for group in config.node_group_configs:
         per_node = _fits(dict(group.resources), worker)
         if per_node and group.max_count:
             count += sys.maxsize if group.max_count < 0 else per_node * group.max_count
@@ -52,7 +57,7 @@ def check_resources(worker: dict[str, float], num_workers: int) -> None:
     """Refuse, within seconds, a run whose `num_workers` x `worker` the cluster can never place
     (Ray Train would wait for them and retry without end). Call after `init_ray`."""
     possible = placeable_workers(worker)
-    if possible < num_workers:
+    if possible is not None and possible < num_workers:
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         raise InsufficientResources(
             f"the run needs {num_workers} worker(s) of {worker} each, but this Ray cluster can "
