@@ -41,10 +41,14 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on a bad value
     check_train(cfg)
     _check_data_files(cfg)
+    from raymoll.run_folder import claim_run_folder
+    claim_run_folder(cfg, restart=args.restart)  # same name, other settings: refused here
     import ray.train
-    from raymoll.runtime import init_ray
+    from raymoll.runtime import check_resources, init_ray
     from raymoll.train import fit, summary
+    from raymoll.train.trainer import worker_resources
     init_ray()
+    check_resources(worker_resources(cfg), cfg.run.num_workers)
     try:
         result = fit(cfg)
     except ray.train.TrainingFailedError as err:
@@ -66,8 +70,10 @@ def _tune(args: argparse.Namespace) -> None:
     check_tune(cfg, resume=args.resume)
     _check_data_files(cfg)
     from raymoll.tune import run_search
-    from raymoll.runtime import init_ray
+    from raymoll.runtime import check_resources, init_ray
+    from raymoll.train.trainer import worker_resources
     init_ray()
+    check_resources(worker_resources(cfg), cfg.run.num_workers)  # one trial's workers
     run_search(cfg, resume=args.resume)
 
 
@@ -131,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "tune":
             p.add_argument("--resume", action="store_true",
                            help="continue the interrupted search of this config")
+        else:
+            p.add_argument("--restart", action="store_true",
+                           help="start run.name afresh: move its existing folder aside to "
+                           "<name>.replaced-<UTC time> (without it, an existing run continues "
+                           "only with the same settings)")
 
     p = verbs.add_parser("evaluate", help="clean + 15x5 corrupted (+4 validation) sets -> Parquet")
     p.add_argument("--checkpoint", help="raymoll checkpoint folder or checkpoint.pt")

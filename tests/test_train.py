@@ -1,16 +1,21 @@
 """Training on a real local Ray: 2 DDP workers on Fashion-MNIST, per-epoch metrics on the
 validation split, checkpoints that reproduce what was reported, exact resume after a worker
-dies mid-epoch, and proof that the test split cannot influence training or selection."""
+dies mid-epoch, resume after a killed driver, and proof that the test split cannot influence
+training or selection."""
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from raymoll.checkpoint import load_checkpoint, load_model
+from raymoll.checkpoint import CheckpointError, load_checkpoint, load_model
+from raymoll.cli import main
 from raymoll.config import load_config
 from raymoll.data import load_split, normalizer
 from raymoll.data.prepare import _sha256, _write_split
@@ -138,6 +143,55 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_local, fa
              extra=["data.train_subset=1024", "run.num_workers=1"])
     checkpoints = [p for p in (tmp_path / "nan").glob("checkpoint_*") if p.is_dir()]
     assert [load_checkpoint(p)["epoch"] for p in checkpoints] == [1]
+
+
+def _complete_epochs(folder: Path) -> list[int]:
+    """The epochs of the complete checkpoints in a run folder (one still being written is not)."""
+    epochs = []
+    for path in folder.glob("checkpoint_*"):
+        try:
+            epochs.append(load_checkpoint(path)["epoch"])
+        except CheckpointError:
+            pass
+    return sorted(epochs)
+
+
+@pytest.mark.ray
+def test_defect1_killed_driver_resumes_from_the_newest_checkpoint(ray_local, fashion_mnist_dir,
+                                                                   tmp_path):
+    """The driver is killed the moment epoch 2's checkpoint is in storage, before Ray's
+    controller (which polls its workers) has registered it; the re-run continues from epoch 2."""
+    args = ["train", "--config", str(CONFIG), *TINY, "optim.epochs=3", "data.train_subset=1024",
+            f"data.path={fashion_mnist_dir}", f"run.storage_path={tmp_path}", "run.name=killed",
+            "run.num_to_keep=10"]
+    env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "raymoll.cli", *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while _complete_epochs(tmp_path / "killed") != [1, 2]:
+        assert driver.poll() is None and time.monotonic() < deadline, "the run ended unkilled"
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait()
+    assert main(args) == 0
+    # Each epoch once: epoch 2 was not redone, and its checkpoint is not left beside a redo.
+    assert _complete_epochs(tmp_path / "killed") == [1, 2, 3]
+
+
+@pytest.mark.ray
+def test_defect3_gpu_run_on_a_cpu_cluster_fails_before_submitting(ray_local, fashion_mnist_dir,
+                                                                   tmp_path):
+    from raymoll.runtime import InsufficientResources, check_resources
+    check_resources({"CPU": 1}, 4)  # the session's Ray has 4 CPUs and no autoscaler
+    with pytest.raises(InsufficientResources):
+        check_resources({"CPU": 1}, 5)
+    with pytest.raises(InsufficientResources):
+        check_resources({"CPU": 1, "GPU": 1}, 1)
+    # max_failures=-1 would retry a worker group that can never start without end.
+    assert main(["train", "--config", str(CONFIG), *TINY, f"data.path={fashion_mnist_dir}",
+                 f"run.storage_path={tmp_path}", "run.name=gpu", "run.use_gpu=true",
+                 "run.max_failures=-1"]) == 2
+    assert not list((tmp_path / "gpu").glob("checkpoint_*"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ run's draws bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -31,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from raymoll.checkpoint import load_checkpoint, save_checkpoint
+from raymoll.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from raymoll.config import Config, from_dict, to_dict
 from raymoll.corruptions import VALIDATION_CORRUPTIONS, corrupt
 from raymoll.data import (BatchAugment, BatchMix, batch_mix, load_split, make_loader,
@@ -206,10 +208,9 @@ def build_trainee(cfg: Config, meta: dict, device: torch.device, rank: int,
     return trainee
 
 
-def restore(trainee: Trainee, folder: str) -> int:
-    """Load a checkpoint folder into `trainee`; returns the number of epochs it completed (the
+def restore(trainee: Trainee, state: dict) -> int:
+    """Load a checkpoint's state into `trainee`; returns the number of epochs it completed (the
     random streams follow from it: Trainee.reseed at the start of the next epoch)."""
-    state = load_checkpoint(folder)
     trainee.bare_model.load_state_dict(state["model"])
     trainee.optimizer.load_state_dict(state["optimizer"])
     trainee.scheduler.load_state_dict(state["scheduler"])
@@ -235,6 +236,42 @@ def training_batch(t: Trainee, x: torch.Tensor,
         x, y = t.mix(x, y)
     y = smooth_labels(y, t.mollifier.num_classes, t.label_smoothing)
     return t.mollifier(x, y, generator=t.streams["mollify"])
+
+
+def newest_checkpoint(storage) -> tuple[ray.train.Checkpoint, dict] | None:
+    """The newest complete checkpoint in this run's folder (Ray's `StorageContext`), and its
+    state; None in a new run. Complete = its checkpoint.pt loads; a folder cut short by a kill
+    is skipped.
+
+    Ray restores only the checkpoints its controller registered, and it registers an uploaded
+    checkpoint up to a poll interval later: a driver killed in between leaves the newest
+    checkpoint in storage but not in Ray's list. Reading the folder itself
+    resumes from that one instead of redoing its epoch.
+    """
+    fs = storage.storage_filesystem
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path,
+                                                       allow_not_found=True))
+    folders = sorted((e.path for e in entries if e.type == pyarrow.fs.FileType.Directory
+                      and e.base_name.startswith("checkpoint_")), reverse=True)
+    for path in folders:  # Ray names them checkpoint_<time>: newest first
+        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
+        with checkpoint.as_directory() as folder:
+            try:
+                return checkpoint, load_checkpoint(folder)
+            except CheckpointError:
+                continue
+    return None
+
+
+def adopt(checkpoint: ray.train.Checkpoint, metrics: dict, rank: int) -> None:
+    """Register with Ray a complete checkpoint its controller never saw (see newest_checkpoint):
+    rank 0 reports a copy with its metrics, then removes the unregistered original, so the
+    folder holds each epoch once and Ray's num_to_keep and best-checkpoint bookkeeping see it."""
+    with checkpoint.as_directory() if rank == 0 else contextlib.nullcontext() as folder:
+        copy = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=copy)  # a barrier: every rank has read the folder
+    if rank == 0:
+        checkpoint.filesystem.delete_dir(checkpoint.path)
 
 
 def train_step(t: Trainee, x: torch.Tensor, y: torch.Tensor, bf16: bool = True) -> torch.Tensor:
@@ -292,12 +329,15 @@ def train_loop_per_worker(config: dict) -> None:
     trainee = build_trainee(cfg, meta, device, rank, len(train_loader), streams=streams)
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resume: the worker group was (re)started after a failure or by Tune
-        with checkpoint.as_directory() as folder:
-            start_epoch = restore(trainee, folder)
+    found = newest_checkpoint(ctx.get_storage())
+    if found:  # resume: after a failure, a killed driver, or by Tune
+        checkpoint, state = found
+        start_epoch = restore(trainee, state)
         if rank == 0:
             print(f"[raymoll] resumed from the checkpoint after epoch {start_epoch}", flush=True)
+        registered = ray.train.get_checkpoint()
+        if registered is None or registered.path != checkpoint.path:
+            adopt(checkpoint, state["metrics"], rank)
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()

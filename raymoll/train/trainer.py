@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,9 +9,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from raymoll.config import Config, to_dict
+from raymoll.run_folder import absolute
 from raymoll.train.loop import FAULT_DRILL_ENV, train_loop_per_worker
 
 SCORE = "val_score"  # what "best checkpoint" means: tune.objective on the validation split
+SCHEDULING_RETRIES = 2     # worker-group start-ups that may time out (60 s each) before failing
 
 
 @dataclass
@@ -22,12 +23,6 @@ class TrainResult:
     last_checkpoint: str | None
     best_checkpoint: str | None
     metrics: dict[str, Any]        # the last reported metrics
-
-
-def absolute(path: str) -> str:
-    """An absolute local path, or the URI unchanged (s3://bucket/prefix): Ray's storage wants
-    one, and Ray workers do not share the driver's working directory."""
-    return path if "://" in path else os.path.abspath(path)
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -55,7 +50,10 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
         run_config=ray.train.RunConfig(
             name=name or cfg.run.name,
             storage_path=absolute(cfg.run.storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # A worker group that cannot be scheduled is a controller failure, retried without
+            # end by default: a few tries, then the run fails (run.max_failures is for crashes).
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                                   controller_failure_limit=SCHEDULING_RETRIES),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
                                                          checkpoint_score_attribute=SCORE,
                                                          checkpoint_score_order="max"),
