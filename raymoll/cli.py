@@ -62,6 +62,16 @@ def _tune(args: argparse.Namespace) -> None:
     run_search(cfg, resume=args.resume)
 
 
+def _study(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from raymoll.study import expand, run_study
+    expand(cfg)  # every cell's config, methods and seeds are checked here, before Ray
+    _check_data(cfg)
+    from raymoll.runtime import init_ray
+    init_ray()
+    run_study(cfg, resume=args.resume)
+
+
 def _report(args: argparse.Namespace) -> None:
     from raymoll.report import report
     out = report(args.results, args.out)
@@ -93,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
 
     for name, func, text in (("train", _train, "train with Ray Train (DDP workers)"),
-                             ("tune", _tune, "search mollification settings with Ray Tune")):
+                             ("tune", _tune, "search mollification settings with Ray Tune"),
+                             ("study", _study, "a grid of methods x axes x seeds as one Ray Tune "
+                              "experiment, evaluated and reported with confidence intervals")):
         p = verbs.add_parser(name, help=text, epilog="config keys:\n  " + "\n  ".join(help_text()),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML config (see jobs/configs/); keys not given take "
@@ -101,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override config keys, e.g. optim.epochs=2 mollify.enabled=false")
         p.set_defaults(func=func)
-        if name == "tune":
+        if name in ("tune", "study"):
             p.add_argument("--resume", action="store_true",
-                           help="continue the interrupted search of this config")
+                           help=f"continue the interrupted {'search' if name == 'tune' else name}"
+                           " of this config (finished trials or cells are kept)")
 
     p = verbs.add_parser("evaluate", help="clean + 15x5 corrupted (+4 validation) sets -> Parquet")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or checkpoint.pt")
@@ -120,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = verbs.add_parser("report", help="plots + summary.md from results Parquet files")
-    p.add_argument("results", nargs="+", help="Parquet files written by `raymoll evaluate`")
+    p.add_argument("results", nargs="+", help="Parquet files written by `raymoll evaluate`, or "
+                   "one study.parquet of `raymoll study` (the study report)")
     p.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
     p.set_defaults(func=_report)
 

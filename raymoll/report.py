@@ -246,6 +246,9 @@ def report(results: Sequence[str | Path], out: str | Path) -> Path:
     """Write the PNGs of PLOTS and summary.md for the results files into `out`; returns the
     path of summary.md. Raises ResultsError, before writing anything, on a bad file."""
     files = [str(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
+    from raymoll.study.report import is_study, study_report
+    if len(files) == 1 and is_study(files[0]):  # written by `raymoll study`: its own report
+        return study_report(files[0], out)
     table = read_results(files)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -67,13 +67,14 @@ def trial_dirname(trial) -> str:
     return f"trial-{trial.trial_id}"
 
 
-def _trainable(cfg: Config, path: str):
-    """run_trial bound to the base config; its Train runs go under the experiment folder, and
-    data.path is made absolute because Tune and Train start each process in its own folder."""
+def trainable(cfg: Config, path: str, trial=run_trial):
+    """`trial` (run_trial, or a study's run_cell) bound to the base config; its Train runs go
+    under the experiment folder, and data.path is made absolute because Tune and Train start
+    each process in its own folder."""
     base = to_dict(cfg)
     base["run"]["storage_path"] = path
     base["data"]["path"] = absolute(cfg.data.path)
-    return tune.with_resources(tune.with_parameters(run_trial, base=base),
+    return tune.with_resources(tune.with_parameters(trial, base=base),
                                {"CPU": cfg.tune.trial_cpus})
 
 
@@ -101,7 +102,7 @@ def _new_tuner(cfg: Config, path: str, callbacks: list) -> tune.Tuner:
     scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
                               grace_period=t.grace_period, reduction_factor=t.reduction_factor)
     return tune.Tuner(
-        _trainable(cfg, path),
+        trainable(cfg, path),
         param_space={key: DOMAINS[spec["type"]](spec) for key, spec in t.space.items()},
         tune_config=tune.TuneConfig(metric=t.metric, mode=metric_mode(t.metric),
                                     search_alg=searcher, scheduler=scheduler,
@@ -126,7 +127,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
         raise ConfigError(f"a search already exists at {path}: pass --resume to continue it, "
                           "or choose another run.name.")
     if resume:  # finished trials stay finished; unfinished ones go on from their checkpoints
-        tuner = tune.Tuner.restore(path, _trainable(cfg, path), resume_unfinished=True,
+        tuner = tune.Tuner.restore(path, trainable(cfg, path), resume_unfinished=True,
                                    restart_errored=True)
     else:
         tuner = _new_tuner(cfg, path, callbacks or [])
