@@ -70,9 +70,11 @@ def _new_tuner(cfg: Config, path: str, cells: list[Cell], callbacks: list) -> tu
                                   callbacks=callbacks))
 
 
-def _trained(cfg: Config, grid) -> dict[str, dict[str, Any]]:
+def _trained(cfg: Config, grid, path: str) -> dict[str, dict[str, Any]]:
     """Cell name -> status, selected checkpoint (best by SCORE among those kept) and training
-    time, for every trial of the experiment."""
+    time, for every trial of the experiment at `path`."""
+    # Ray reports checkpoint paths inside the storage filesystem: give remote ones their scheme.
+    scheme = path.split("://")[0] + "://" if "://" in path else ""
     out = {}
     for result in grid:
         cell = Cell(**result.config["cell"])
@@ -86,7 +88,8 @@ def _trained(cfg: Config, grid) -> dict[str, dict[str, Any]]:
                          started=float(last["timestamp"] - last["time_total_s"]))
             kept = rows[rows["checkpoint_path"].notna()] if "checkpoint_path" in rows else rows[:0]
             if not kept.empty:
-                entry["checkpoint"] = kept.loc[kept[SCORE].idxmax(), "checkpoint_path"]
+                best = kept.loc[kept[SCORE].idxmax(), "checkpoint_path"]
+                entry["checkpoint"] = best if "://" in best else scheme + best
             if not result.error and entry["epochs"] >= cell_config(cfg, cell).optim.epochs:
                 entry["status"] = "trained"
         out[name] = entry
@@ -186,6 +189,24 @@ def busy_seconds(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+def driver_timing(started: float, trained_at: float, evaluated_at: float, ended: float,
+                  trained: dict[str, dict], eval_spans: list[tuple[float, float]]) -> dict:
+    """Where this driver run's wall time went (s, Unix times in): the Tune phase, the
+    evaluation phase and merging + report, and within the first two the time some cell was
+    training or being evaluated. The rest (`driver_s`) is the study's own cost: trial
+    scheduling and start-up gaps, the evaluation fan-out and the merge."""
+    train_spans = [(e["started"], e["started"] + e["training_s"]) for e in trained.values()
+                   if e["training_s"] == e["training_s"] and e["started"] >= started]
+    timing = {"wall_s": ended - started, "tune_s": trained_at - started,
+              "train_busy_s": busy_seconds(train_spans), "evaluate_s": evaluated_at - trained_at,
+              "evaluate_busy_s": busy_seconds(eval_spans), "merge_report_s": ended - evaluated_at,
+              "cells_trained_now": len(train_spans), "cells_evaluated_now": len(eval_spans)}
+    timing["driver_s"] = (timing["tune_s"] - timing["train_busy_s"] + timing["evaluate_s"]
+                          - timing["evaluate_busy_s"] + timing["merge_report_s"])
+    timing["driver_share"] = timing["driver_s"] / timing["wall_s"]
+    return timing
+
+
 def run_study(cfg: Config, resume: bool = False, callbacks: list | None = None) -> StudyResult:
     """Run (or with `resume`, continue) the study of `cfg`; Ray must be initialised."""
     started = time.time()
@@ -205,7 +226,7 @@ def run_study(cfg: Config, resume: bool = False, callbacks: list | None = None) 
         tuner = _new_tuner(cfg, path, cells, callbacks or [])
     grid = tuner.fit()
     trained_at = time.time()
-    trained = _trained(cfg, grid)
+    trained = _trained(cfg, grid, path)
 
     folder = os.path.join(path, "evaluations")
     todo = {c.name: trained[c.name]["checkpoint"] for c in cells
@@ -225,17 +246,8 @@ def run_study(cfg: Config, resume: bool = False, callbacks: list | None = None) 
         study_path = _write(os.path.join(path, "study.parquet"), sink.getvalue().to_pybytes())
         if "://" not in path:
             report_path = str(study_report(study_path, os.path.join(path, "report")))
-    ended = time.time()
 
-    train_spans = [(e["started"], e["started"] + e["training_s"]) for e in trained.values()
-                   if e["training_s"] == e["training_s"]]
-    timing = {"wall_s": ended - started, "tune_s": trained_at - started,
-              "evaluate_s": evaluated_at - trained_at, "merge_report_s": ended - evaluated_at,
-              "cells_trained_now": sum(1 for e in trained.values()
-                                       if e["started"] >= started - 1),
-              "cells_evaluated_now": len(todo),
-              "busy_s": busy_seconds([s for s in train_spans if s[0] >= started - 1]
-                                     + eval_spans)}
+    timing = driver_timing(started, trained_at, evaluated_at, time.time(), trained, eval_spans)
     _write(os.path.join(path, "timing.json"), json.dumps(timing, indent=1))
     finished = len(evaluated) == len(cells)
     print(table.to_string(index=False, float_format="%.4g"))
