@@ -29,13 +29,13 @@ import pyarrow.parquet as pq
 import ray
 from ray import tune
 
-from raymoll.config import Config, ConfigError, to_dict
+from raymoll.config import Config, to_dict
 from raymoll.results import METADATA_KEY
 from raymoll.study.cells import METHOD, Cell, cell_config, expand, label
 from raymoll.train.trainer import SCORE
 from raymoll.study.report import STUDY_KEY, study_report
-from raymoll.tune.search import (_parquet_bytes, _write, experiment_path, max_concurrent,
-                                 run_trial, trainable)
+from raymoll.tune.search import (_parquet_bytes, _write, experiment_path, experiment_tuner,
+                                 max_concurrent, run_trial, trainable)
 
 
 @dataclass
@@ -212,18 +212,8 @@ def run_study(cfg: Config, resume: bool = False, callbacks: list | None = None) 
     started = time.time()
     cells = expand(cfg)
     path = experiment_path(cfg)
-    exists = tune.Tuner.can_restore(path)
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no study to continue at {path}; run without "
-                          "--resume to start it.")
-    if exists and not resume:
-        raise ConfigError(f"a study already exists at {path}: pass --resume to continue it, "
-                          "or choose another run.name.")
-    if resume:  # finished trials stay finished; unfinished ones go on from their checkpoints
-        tuner = tune.Tuner.restore(path, trainable(cfg, path, run_cell), resume_unfinished=True,
-                                   restart_errored=True)
-    else:
-        tuner = _new_tuner(cfg, path, cells, callbacks or [])
+    tuner = experiment_tuner(cfg, path, resume, "study",
+                             lambda: _new_tuner(cfg, path, cells, callbacks or []), run_cell)
     grid = tuner.fit()
     trained_at = time.time()
     trained = _trained(cfg, grid, path)
@@ -251,7 +241,9 @@ def run_study(cfg: Config, resume: bool = False, callbacks: list | None = None) 
     _write(os.path.join(path, "timing.json"), json.dumps(timing, indent=1))
     finished = len(evaluated) == len(cells)
     print(table.to_string(index=False, float_format="%.4g"))
-    print(f"study: {study_path}\ncells: {cells_path}\nreport: {report_path}")
+    print(f"study: {study_path}\ncells: {cells_path}\nreport: {report_path}\n"
+          f"driver-side cost: {timing['driver_s']:.0f} s of {timing['wall_s']:.0f} s wall "
+          f"({timing['driver_share']:.1%}; timing.json)")
     if not finished:
         print(f"{len(cells) - len(evaluated)} of {len(cells)} cells are not evaluated; continue "
               f"with: raymoll study --config <this config> --resume   ({path})")

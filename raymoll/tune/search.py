@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import pyarrow as pa
@@ -112,6 +112,24 @@ def _new_tuner(cfg: Config, path: str, callbacks: list) -> tune.Tuner:
                                   callbacks=callbacks))
 
 
+def experiment_tuner(cfg: Config, path: str, resume: bool, what: str,
+                     new: Callable[[], tune.Tuner], trial: Callable = run_trial) -> tune.Tuner:
+    """The Tuner of the experiment at `path`: `new()`, or with `resume` the saved one, whose
+    finished trials stay finished and unfinished ones go on from their checkpoints. Raises
+    ConfigError when `resume` does not match whether the experiment (a `what`) exists."""
+    exists = tune.Tuner.can_restore(path)
+    if resume and not exists:
+        raise ConfigError(f"--resume: there is no {what} to continue at {path}; run without "
+                          "--resume to start it.")
+    if exists and not resume:
+        raise ConfigError(f"a {what} already exists at {path}: pass --resume to continue it, "
+                          "or choose another run.name.")
+    if not resume:
+        return new()
+    return tune.Tuner.restore(path, trainable(cfg, path, trial), resume_unfinished=True,
+                              restart_errored=True)
+
+
 def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None) -> SearchResult:
     """Run (or with `resume`, continue) the search of `cfg`; Ray must be initialised.
 
@@ -119,18 +137,8 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     """
     check_space(cfg)
     path = experiment_path(cfg)
-    exists = tune.Tuner.can_restore(path)
-    if resume and not exists:
-        raise ConfigError(f"--resume: there is no search to continue at {path}; run without "
-                          "--resume to start it.")
-    if exists and not resume:
-        raise ConfigError(f"a search already exists at {path}: pass --resume to continue it, "
-                          "or choose another run.name.")
-    if resume:  # finished trials stay finished; unfinished ones go on from their checkpoints
-        tuner = tune.Tuner.restore(path, trainable(cfg, path), resume_unfinished=True,
-                                   restart_errored=True)
-    else:
-        tuner = _new_tuner(cfg, path, callbacks or [])
+    tuner = experiment_tuner(cfg, path, resume, "search",
+                             lambda: _new_tuner(cfg, path, callbacks or []))
     grid = tuner.fit()
     # The state a --resume would continue; the ResultGrid cannot tell an interrupted search,
     # whose stopped trials it reports TERMINATED.
