@@ -108,7 +108,7 @@ def _tuned_mollify(path: str) -> dict[str, Any]:
 
 def _check_key(key: Any) -> None:
     """An axis key must name a field of a config section (or be `method`)."""
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    sections = [f.name for f in dataclasses.fields(Config)]
     parts = key.split(".") if isinstance(key, str) else []
     hint = "an axis key is `method` or section.key, e.g. data.augment or optim.lr"
     if len(parts) != 2 or parts[0] not in sections or parts[0] in ("study", "tune"):
@@ -177,7 +177,8 @@ def expand(cfg: Config) -> list[Cell]:
         try:
             apply_point(cfg, point)
         except ConfigError as err:
-            raise StudyError(f"study cell {values}: {err}") from None
+            shown = {k: label(v) for k, v in values.items()}
+            raise StudyError(f"study cell {shown}: {err}") from None
         for seed in s.seeds:
             name = f"{len(cells):03d}_{_slug(values, seed)}"
             cells.append(Cell(name, values, seed, {**point, "run.seed": seed}))
