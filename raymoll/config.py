@@ -155,6 +155,8 @@ class StudyConfig:
     reference: str = _field("plain", "the method the others are compared with (paired by "
                             "seed and the other axis values)")
     bootstrap: int = _field(10000, "bootstrap resamples of the paired differences", low=100)
+    eval_subset: int = _field(0, "score only the first N test images of each of a cell's 96 "
+                              "evaluation sets (0 = all)", low=0)
 
 
 @dataclass

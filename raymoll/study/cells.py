@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from raymoll.config import Config, ConfigError, MollifyConfig, from_dict, to_dict
+from raymoll.config import Config, ConfigError, MollifyConfig, OptimConfig, from_dict, to_dict
 from raymoll.tune.space import apply_point
 
 METHOD = "method"
@@ -88,8 +88,14 @@ def method_point(method: str, label_smoothing: float) -> dict[str, Any]:
     else:
         raise StudyError(f"study.axes['method'] value {method!r} is not a method: choose "
                          f"{', '.join(METHODS)} or tuned:PATH (a best.yaml of raymoll tune).")
-    smoothing = label_smoothing if method == "label_smoothing" else 0.0
-    return {**{f"mollify.{k}": v for k, v in mollify.items()}, "optim.label_smoothing": smoothing}
+    point = {f"mollify.{k}": v for k, v in mollify.items()}
+    if not hasattr(OptimConfig(), "label_smoothing"):  # a raymoll without plain label smoothing
+        if method == "label_smoothing":
+            raise StudyError("study.axes['method'] value 'label_smoothing' needs the config key "
+                             "optim.label_smoothing, which this raymoll does not have.")
+        return point
+    return point | {"optim.label_smoothing": label_smoothing if method == "label_smoothing"
+                    else 0.0}
 
 
 def _tuned_mollify(path: str) -> dict[str, Any]:
@@ -102,7 +108,8 @@ def _tuned_mollify(path: str) -> dict[str, Any]:
         mollify = to_dict(from_dict({"mollify": section}).mollify)
     except (yaml.YAMLError, AttributeError, ConfigError) as err:
         raise StudyError(f"study.axes['method'] value 'tuned:{path}' holds no valid mollify "
-                         f"section ({err}); give the best.yaml that `raymoll tune` wrote.") from None
+                         f"section ({err}); give the best.yaml that `raymoll tune` "
+                         f"wrote.") from None
     return {**mollify, "enabled": True}
 
 

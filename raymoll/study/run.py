@@ -117,7 +117,7 @@ def evaluate_cells(cfg: Config, todo: dict[str, str], folder: str) -> list[tuple
     fs.create_dir(where, recursive=True)
     task = ray.remote(num_cpus=1)(_evaluate_one)
     device = None if cfg.run.use_gpu else "cpu"  # GPU cells: evaluate fans sets over the GPUs
-    pending = {task.remote(checkpoint, cfg.data.path, cfg.data.test_subset, name, device): name
+    pending = {task.remote(checkpoint, cfg.data.path, cfg.study.eval_subset, name, device): name
                for name, checkpoint in todo.items()}
     spans = []
     while pending:
