@@ -3,7 +3,9 @@
 
 Keys: model (state dict, no DDP prefix), optimizer, scheduler, epoch (completed epochs),
 config (the resolved Config as a dict), meta (the dataset's meta.json), metrics (what was
-reported with it), rng (torch CPU state and the mollifier generator's state).
+reported with it); with optim.ema_decay > 0 also ema (the EMA model's state dict, same keys as
+model) and selected ("raw" or "ema": the weights selection chose). No random-generator state:
+a run reseeds every stream each epoch from (run.seed, rank, epoch), see raymoll.train.loop.
 """
 from __future__ import annotations
 
@@ -49,15 +51,44 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+WEIGHTS = ("selected", "raw", "ema")
+
+
+def _weights_of(state: dict[str, Any], file: str, weights: str) -> tuple[dict, str]:
+    """(state dict, "raw" or "ema") for `weights`: "raw" (key `model`), "ema" (key `ema`,
+    present when optim.ema_decay > 0) or "selected" (key `selected`, what selection chose;
+    "raw" for checkpoints that predate EMA)."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}.")
+    chosen = state.get("selected", "raw") if weights == "selected" else weights
+    if chosen == "ema" and "ema" not in state:
+        raise CheckpointError(f"checkpoint {file!r} has no EMA weights (it was trained with "
+                              f"optim.ema_decay=0); evaluate it with --weights raw.")
+    return state["ema" if chosen == "ema" else "model"], chosen
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+               num_classes: int | None = None,
+               weights: str = "selected") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from the registry and load its weights; returns (model in eval mode,
-    checkpoint dict). With `num_classes`, a checkpoint for another class count is refused."""
+    checkpoint dict, with "weights" set to the weights loaded: "raw" or "ema"). With
+    `num_classes`, a checkpoint for another class count is refused; `weights` as in WEIGHTS."""
     state = load_checkpoint(path)
-    model_cfg, meta = state["config"]["model"], state["meta"]
+    model_cfg, meta = state["config"].get("model"), state["meta"]
+    if not isinstance(model_cfg, dict) or not {"name", "width"} <= set(model_cfg):
+        raise CheckpointError(f"checkpoint {str(path)!r} has no model settings (config.model "
+                              f"with name and width) to rebuild its network from; it was not "
+                              f"written by `raymoll train`.")
     if num_classes is not None and meta["num_classes"] != num_classes:
         raise CheckpointError(f"checkpoint {str(path)!r} was trained on {meta['num_classes']} "
                               f"classes ({meta['dataset']}) but the data has {num_classes}.")
+    weights_dict, state["weights"] = _weights_of(state, str(path), weights)
     model = build_model(model_cfg["name"], meta["num_classes"], width=model_cfg["width"])
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(weights_dict)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise CheckpointError(f"the weights in checkpoint {str(path)!r} do not fit its config "
+                              f"(model {model_cfg['name']!r}, width {model_cfg['width']}): "
+                              f"{' '.join(line.strip() for line in first[:3])}") from None
     return model.to(device).eval(), state

@@ -20,7 +20,8 @@ class TrainingFailed(RaymollError):
 def _prepare(args: argparse.Namespace) -> None:
     from raymoll.data import prepare
     out = prepare(args.dataset, args.out, root=args.root, image_format=args.format,
-                  max_side=args.max_side, jpeg_quality=args.jpeg_quality)
+                  max_side=args.max_side, jpeg_quality=args.jpeg_quality,
+                  val_fraction=args.val_fraction, val_seed=args.val_seed)
     print(f"wrote {out}")
 
 
@@ -48,7 +49,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from raymoll.evaluate import evaluate
     out = evaluate(args.checkpoint, args.data, corruptions_dir=args.corruptions, out=args.out,
                    severities=args.severities, seed=args.seed, batch_size=args.batch_size,
-                   device=args.device, run=args.run, subset=args.subset)
+                   device=args.device, run=args.run, subset=args.subset, runner=args.runner,
+                   weights=args.weights)
     print(f"wrote {out}")
 
 
@@ -74,7 +76,7 @@ def _study(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> None:
     from raymoll.report import report
-    out = report(args.results, args.out)
+    out = report(args.results, args.out, reliability=args.reliability)
     print(f"wrote {out}")
 
 
@@ -95,11 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True,
                    help="cifar10, cifar100, tinyimagenet, imagefolder, fashion-mnist, synthetic")
     p.add_argument("--root", help="where the source dataset is (or is downloaded to)")
-    p.add_argument("--out", required=True, help="folder for train.beton, test.beton, meta.json")
+    p.add_argument("--out", required=True,
+                   help="folder for train.beton, val.beton, test.beton, meta.json")
     p.add_argument("--format", default="auto", choices=("auto", "raw", "jpeg"),
                    help="raw pixels (exact) or JPEG; auto = raw up to 64 px")
     p.add_argument("--max-side", type=int, default=256, help="JPEG: longest side in pixels")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (1-100)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training images held out as val.beton, class-stratified; "
+                        "training selects on it, never on the test split (default 0.1)")
+    p.add_argument("--val-seed", type=int, default=0,
+                   help="seed of the validation split: the same seed, the same split (default 0)")
     p.set_defaults(func=_prepare)
 
     for name, func, text in (("train", _train, "train with Ray Train (DDP workers)"),
@@ -130,16 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run name in the table (default: from checkpoint)")
     p.add_argument("--subset", type=int, default=0,
                    help="score only the first N test images of each set (0 = all)")
+    p.add_argument("--runner", choices=("local", "ray"), default=None,
+                   help="score the sets in this process (local) or on a Ray actor pool (ray); "
+                   "default: ray when a Ray cluster with GPUs is attached, else local")
+    p.add_argument("--weights", choices=("selected", "raw", "ema"), default="selected",
+                   help="which weights of the checkpoint to score: raw, ema (needs "
+                   "optim.ema_decay > 0) or selected (what selection chose; default)")
     p.set_defaults(func=_evaluate)
 
     p = verbs.add_parser("report", help="plots + summary.md from results Parquet files")
     p.add_argument("results", nargs="+", help="Parquet files written by `raymoll evaluate`, or "
                    "one study.parquet of `raymoll study` (the study report)")
     p.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
+    p.add_argument("--reliability", choices=("raw", "ts"), default="raw",
+                   help="draw the reliability diagrams of the raw or the temperature-scaled "
+                   "predictions")
     p.set_defaults(func=_report)
 
-    p = verbs.add_parser("demo", help="the whole story offline: prepare, train twice, evaluate, "
-                         "report (Fashion-MNIST, ~10 min on 2 CPU cores)")
+    p = verbs.add_parser("demo", help="the whole story offline: prepare, train plain, label "
+                         "smoothing and mollified models, evaluate, report (Fashion-MNIST, "
+                         "under 10 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (offline) or cifar10")

@@ -25,8 +25,10 @@ class ConfigError(RaymollError):
 
 
 def _field(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, choices: tuple | None = None, factory: Any = None) -> Any:
-    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "choices": choices}
+           low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
+           factory: Any = None) -> Any:
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "choices": choices}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -34,19 +36,21 @@ def _field(default: Any, help: str, *, low: float | None = None, high: float | N
 
 @dataclass
 class DataConfig:
-    path: str = _field("runs/data/fashion-mnist", "folder with train.beton, test.beton, meta.json "
-                       "(written by `raymoll prepare`)")
+    path: str = _field("runs/data/fashion-mnist", "folder with train.beton, val.beton, test.beton "
+                       "and meta.json (written by `raymoll prepare`); training reads train and "
+                       "val, only `raymoll evaluate` reads test")
     batch_size: int = _field(128, "training batch size per worker", low=1)
     eval_batch_size: int = _field(500, "evaluation batch size", low=1)
     num_workers: int = _field(2, "FFCV loader threads per worker", low=1)
-    augment: str = _field("fcr", "per-sample augmentation on the device; fcr = flip + crop(pad 4) "
-                          "+ rotate(15 deg), the paper's base",
-                          choices=("none", "fcr", "trivialaugment", "randaugment", "autoaugment",
-                                   "augmix"))
+    augment: list[str] = _field(None, "per-sample augmentations on the device, applied in order "
+                                "(a single name is read as a one-item list); fcr = flip + "
+                                "crop(pad 4) + rotate(15 deg), the paper's base, which the paper "
+                                "combines with one policy, e.g. [fcr, trivialaugment]",
+                                choices=("none", "fcr", "trivialaugment", "randaugment",
+                                         "autoaugment", "augmix"), factory=lambda: ["fcr"])
     mixup_alpha: float = _field(0.0, "MixUp Beta(alpha, alpha); 0 turns it off", low=0.0)
     cutmix_alpha: float = _field(0.0, "CutMix Beta(alpha, alpha); 0 turns it off", low=0.0)
     train_subset: int = _field(0, "use only the first N training images (0 = all)", low=0)
-    test_subset: int = _field(0, "evaluate only the first N test images (0 = all)", low=0)
     os_cache: bool = _field(True, "let the OS page cache hold the .beton (fast for small sets)")
 
 
@@ -67,6 +71,10 @@ class OptimConfig:
     weight_decay: float = _field(5e-4, "L2 weight decay", low=0.0)
     nesterov: bool = _field(False, "Nesterov momentum")
     warmup_epochs: float = _field(0.0, "linear warm-up before the cosine decay", low=0.0)
+    label_smoothing: float = _field(0.0, "plain label smoothing eps: targets (1 - eps) onehot + "
+                                    "eps / K for every sample; with mollification on it is "
+                                    "applied first, then the mollifier smooths those targets",
+                                    low=0.0, high=1.0, high_open=True)
     bf16: bool = _field(True, "bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = _field(False, "torch.compile the model (worth it on GPUs)")
 
@@ -100,8 +108,9 @@ class MollifyConfig:
 class EvalConfig:
     val_severity: int = _field(3, "severity of the validation corruptions reported each epoch",
                                low=1, high=5)
-    val_subset: int = _field(1000, "test images used for the per-epoch validation corruptions",
-                             low=1)
+    val_subset: int = _field(1000, "images of the validation split (val.beton) scored each "
+                             "epoch, clean (clean_*) and under the 4 validation corruptions "
+                             "(val_*); 0 = all", low=0)
     seed: int = _field(0, "seed of the corruption generator", low=0)
 
 
@@ -114,14 +123,10 @@ class RunConfig:
     use_gpu: bool = _field(False, "one GPU per worker")
     cpus_per_worker: float = _field(1.0, "CPUs reserved per worker", low=0.0)
     max_failures: int = _field(0, "worker-group restarts from the last checkpoint", low=-1)
-    num_to_keep: int = _field(2, "checkpoints kept (the best by clean accuracy is kept too)",
-                              low=1)
-    seed: int = _field(0, "seed for weights, data order and mollification", low=0)
-    fault_epoch: int = _field(0, "fault-tolerance drill: rank 0 fails in this epoch "
-                              "(1-based), once per run folder; 0 = off", low=0)
-    fault_step: int = _field(1, "fault-tolerance drill: ... at this step of that epoch", low=1)
-    fault_kind: str = _field("exit", "fault-tolerance drill: exit = the process dies (a lost "
-                             "node); nan = the loss turns NaN", choices=("exit", "nan"))
+    num_to_keep: int = _field(2, "checkpoints kept (the best by tune.metric, val_score by "
+                              "default, is kept too)", low=1)
+    seed: int = _field(0, "seed for weights and every random stream of each rank (data order, "
+                       "augmentation, MixUp/CutMix, mollification)", low=0)
 
 
 @dataclass
@@ -176,11 +181,18 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the field type `tp`; ints are accepted where floats are."""
+    """Check `value` against the field type `tp`; ints are accepted where floats are, and a
+    single item where a list is (it becomes a one-item list)."""
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(f"{key}[{i}]", item, item_tp) for i, item in enumerate(items)]
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads 1e-3 (no dot) as a string; accept what float() reads as a number.
         try:
@@ -198,6 +210,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _check_range(key: str, value: Any, meta: dict) -> None:
     choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_range(f"{key}[{i}]", item, meta)
+        return
     if choices is not None and value not in choices:
         raise ConfigError(f"config key '{key}' = {value!r} is not allowed: choose one of "
                           f"{', '.join(map(str, choices))}.")
@@ -206,11 +222,14 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
             raise ConfigError(f"config key '{key}' = {value!r} must be a finite number.")
         if low is not None and (value < low or (meta.get("low_open") and value == low)):
             op = ">" if meta.get("low_open") else ">="
+            high_op = "<" if meta.get("high_open") else "<="
             raise ConfigError(f"config key '{key}' = {value!r} is out of range: it must be "
-                              f"{op} {low}" + (f" and <= {high}." if high is not None else "."))
-        if high is not None and value > high:
+                              f"{op} {low}" + (f" and {high_op} {high}." if high is not None
+                                               else "."))
+        if high is not None and (value > high or (meta.get("high_open") and value == high)):
+            high_op = "<" if meta.get("high_open") else "<="
             raise ConfigError(f"config key '{key}' = {value!r} is out of range: it must be "
-                              f"<= {high}.")
+                              f"{high_op} {high}.")
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
@@ -235,8 +254,9 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 
 def validate(cfg: Config) -> Config:
-    """Check ranges and the cross-field rules; returns `cfg` or raises ConfigError."""
-    _build(Config, to_dict(cfg), "")  # re-checks types and ranges of a config built in code
+    """Check ranges and the cross-field rules; returns the checked config (list fields
+    normalised, e.g. data.augment="fcr" -> ["fcr"]) or raises ConfigError."""
+    cfg = _build(Config, to_dict(cfg), "")  # re-checks types and ranges of a config built in code
     m = cfg.mollify
     probs = {"mollify.p_clean": m.p_clean, "mollify.p_noise": m.p_noise,
              "mollify.p_blur": m.p_blur, "mollify.p_both": m.p_both}

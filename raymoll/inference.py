@@ -3,7 +3,7 @@ validation and `raymoll evaluate` share."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -19,6 +19,25 @@ def autocast(device: torch.device, bf16: bool = True) -> contextlib.AbstractCont
 
 
 @torch.no_grad()
+def batch_logits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 500,
+                 bf16: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float32 logits (B, K), int64 labels (B,)) batch by batch on the model's device,
+    for uint8 images (N,3,H,W) normalised there; the model is in eval mode while it runs."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalize(images[start:start + batch_size].to(device, non_blocking=True))
+            y = labels[start:start + batch_size].to(device, non_blocking=True)
+            with autocast(device, bf16):
+                logits = model(x)
+            yield logits.float(), y
+    finally:
+        model.train(was_training)
+
+
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
           normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 500,
           bf16: bool = True, into: MetricAccumulator | None = None) -> MetricAccumulator:
@@ -28,14 +47,6 @@ def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     (merge or all-reduce it before `compute()` when the set is split across ranks).
     """
     acc = into if into is not None else MetricAccumulator()
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device, non_blocking=True))
-        y = labels[start:start + batch_size].to(device, non_blocking=True)
-        with autocast(device, bf16):
-            logits = model(x)
-        acc.update(logits.float(), y)
-    model.train(was_training)
+    for logits, y in batch_logits(model, images, labels, normalize, batch_size, bf16):
+        acc.update(logits, y)
     return acc

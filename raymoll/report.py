@@ -18,7 +18,7 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from raymoll.results import read_results, run_settings, writing
+from raymoll.results import ResultsError, read_results, run_settings, writing
 
 TEST_FAMILIES = ("noise", "blur", "weather", "digital")
 FAMILIES = TEST_FAMILIES + ("validation",)
@@ -30,9 +30,17 @@ HEADERS = {"run": "run", "model": "model", "mollified": "mollified",
            "corrupted_nll": "corrupted NLL", "corrupted_ece": "corrupted ECE",
            "clean_nll": "clean NLL", "clean_ece": "clean ECE",
            **{f"{f}_accuracy": f"{f} acc" for f in FAMILIES},
-           **{f"{f}_ece": f"{f} ECE" for f in FAMILIES}}
-HEADLINE_COLUMNS = ("run", "model", "mollified", "clean_accuracy", "corrupted_accuracy",
-                    "corrupted_nll", "corrupted_ece", "clean_ece")
+           **{f"{f}_ece": f"{f} ECE" for f in FAMILIES},
+           "temperature": "T",
+           "corrupted_nll_ts": "corrupted NLL (TS)", "corrupted_ece_ts": "corrupted ECE (TS)",
+           "clean_nll_ts": "clean NLL (TS)", "clean_ece_ts": "clean ECE (TS)",
+           **{f"{f}_ece_ts": f"{f} ECE (TS)" for f in FAMILIES},
+           **{f"{f}_nll": f"{f} NLL" for f in FAMILIES},
+           **{f"{f}_nll_ts": f"{f} NLL (TS)" for f in FAMILIES}}
+# Raw and temperature-scaled (TS) side by side; accuracy does not change under TS.
+HEADLINE_COLUMNS = ("run", "model", "mollified", "temperature", "clean_accuracy",
+                    "corrupted_accuracy", "corrupted_nll", "corrupted_nll_ts", "corrupted_ece",
+                    "corrupted_ece_ts", "clean_ece", "clean_ece_ts")
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -48,20 +56,24 @@ def _by_run(table: pa.Table) -> dict[str, list[dict]]:
 
 
 def headline(table: pa.Table) -> list[dict[str, Any]]:
-    """One dict per run: clean and mean corrupted accuracy / NLL / ECE (fractions, nats), and
-    accuracy and ECE per family (noise, blur, weather, digital, validation)."""
+    """One dict per run: clean and mean corrupted accuracy / NLL / ECE (fractions, nats), raw
+    and temperature-scaled (keys ending in _ts), the temperature, and accuracy and ECE (raw
+    and _ts) per family (noise, blur, weather, digital, validation)."""
     out = []
     for run, rows in _by_run(table).items():
         clean = [r for r in rows if r["family"] == "clean"]
         test = [r for r in rows if r["family"] in TEST_FAMILIES]
-        entry = {"run": run, "model": rows[0]["model"], "mollified": rows[0]["mollified"]}
-        for key in ("accuracy", "nll", "ece"):
+        entry = {"run": run, "model": rows[0]["model"], "mollified": rows[0]["mollified"],
+                 "temperature": rows[0]["temperature"]}
+        for key in ("accuracy", "nll", "ece", "nll_ts", "ece_ts"):
             entry[f"clean_{key}"] = _mean(clean, key)
             entry[f"corrupted_{key}"] = _mean(test, key)
         for family in FAMILIES:
             members = [r for r in rows if r["family"] == family]
             entry[f"{family}_accuracy"] = _mean(members, "accuracy")
             entry[f"{family}_ece"] = _mean(members, "ece")
+            for key in ("nll", "nll_ts", "ece_ts"):
+                entry[f"{family}_{key}"] = _mean(members, key)
         out.append(entry)
     return out
 
@@ -130,17 +142,21 @@ def _vs_severity(runs: dict[str, list[dict]], key: str, label: str, path: Path) 
     _save(fig, path)
 
 
-def _pooled_bins(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reliability bins of the union of the sets in `rows`: count, mean confidence, accuracy."""
-    count = np.sum([r["bin_count"] for r in rows], axis=0).astype(float)
-    weighted = lambda key: np.sum([np.nan_to_num(np.asarray(r[key], float)) * r["bin_count"]
-                                   for r in rows], axis=0)
+def _pooled_bins(rows: list[dict], suffix: str = "") -> tuple[np.ndarray, np.ndarray,
+                                                              np.ndarray]:
+    """Reliability bins of the union of the sets in `rows`: count, mean confidence, accuracy;
+    suffix "_ts" pools the temperature-scaled bins instead of the raw ones."""
+    counts = [np.asarray(r[f"bin_count{suffix}"], float) for r in rows]
+    weighted = lambda key: np.sum([np.nan_to_num(np.asarray(r[key + suffix], float)) * c
+                                   for r, c in zip(rows, counts)], axis=0)
+    count = np.sum(counts, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return count, weighted("bin_confidence") / count, weighted("bin_accuracy") / count
 
 
-def _reliability(runs: dict[str, list[dict]], path: Path) -> None:
-    """Rows = runs, columns = clean and the pooled test corruptions at severities 3 and 5."""
+def _reliability(runs: dict[str, list[dict]], path: Path, suffix: str = "") -> None:
+    """Rows = runs, columns = clean and the pooled test corruptions at severities 3 and 5;
+    suffix "_ts": of the temperature-scaled predictions."""
     present = {r["severity"] for rows in runs.values() for r in rows}
     columns = [("clean", lambda r: r["family"] == "clean")] + [
         (f"15 test corruptions, severity {s}",
@@ -151,7 +167,7 @@ def _reliability(runs: dict[str, list[dict]], path: Path) -> None:
     for i, (run, rows) in enumerate(runs.items()):
         for j, (title, chosen) in enumerate(columns):
             ax = axes[i, j]
-            count, confidence, acc = _pooled_bins([r for r in rows if chosen(r)])
+            count, confidence, acc = _pooled_bins([r for r in rows if chosen(r)], suffix)
             n_bins = len(count)
             centres = (np.arange(n_bins) + 0.5) / n_bins
             filled = count > 0
@@ -172,7 +188,8 @@ def _reliability(runs: dict[str, list[dict]], path: Path) -> None:
                 ax.set_xlabel("confidence (top class)")
             if j == 0:
                 ax.set_ylabel("accuracy")
-    fig.suptitle("Reliability diagrams (15 equal-width confidence bins)")
+    scaled = ", after temperature scaling" if suffix else ""
+    fig.suptitle(f"Reliability diagrams (15 equal-width confidence bins{scaled})")
     _legend(fig, axes[0, 0], 3)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     _save(fig, path)
@@ -220,16 +237,19 @@ def _summary(table: pa.Table, files: Sequence[str]) -> str:
     rows, settings = headline(table), run_settings(table)
     severities = sorted({s for s in table.column("severity").to_pylist() if s})
     family_acc = ["run"] + [f"{f}_accuracy" for f in FAMILIES]
-    family_ece = ["run"] + [f"{f}_ece" for f in FAMILIES]
+    family_ece = ["run"] + [c for f in FAMILIES for c in (f"{f}_ece", f"{f}_ece_ts")]
+    family_nll = ["run"] + [c for f in FAMILIES for c in (f"{f}_nll", f"{f}_nll_ts")]
     lines = [
         "# raymoll robustness report", "",
         f"{len(rows)} run(s) from {', '.join(f'`{f}`' for f in files)}. \"Corrupted\" is the "
         f"mean over the 15 test corruptions at severities {severities}; the 4 validation "
         f"corruptions (searches select on them) are the family \"validation\". NLL in nats; "
-        f"ECE is top-label L1 with 15 equal-width bins over each whole set.", "",
+        f"ECE is top-label L1 with 15 equal-width bins over each whole set. (TS): after "
+        f"post-hoc temperature scaling, T fitted per run on the clean validation split.", "",
         "## Headline", "", format_table(rows), "",
         "## Accuracy per family", "", format_table(rows, family_acc), "",
-        "## ECE per family", "", format_table(rows, family_ece), "",
+        "## ECE per family (raw, temperature-scaled)", "", format_table(rows, family_ece), "",
+        "## NLL per family (raw, temperature-scaled)", "", format_table(rows, family_nll), "",
         "## Plots", "",
         *[f"- [{name}]({name}): {caption}" for name, caption in PLOTS.items()], "",
         "## Runs", "",
@@ -242,9 +262,17 @@ def _summary(table: pa.Table, files: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(results: Sequence[str | Path], out: str | Path) -> Path:
+RELIABILITY = ("raw", "ts")
+
+
+def report(results: Sequence[str | Path], out: str | Path, reliability: str = "raw") -> Path:
     """Write the PNGs of PLOTS and summary.md for the results files into `out`; returns the
-    path of summary.md. Raises ResultsError, before writing anything, on a bad file."""
+    path of summary.md. reliability: draw reliability.png of the raw ("raw") or the
+    temperature-scaled ("ts") predictions. Raises ResultsError, before writing anything, on a
+    bad file or option."""
+    if reliability not in RELIABILITY:
+        raise ResultsError(f"reliability must be one of {', '.join(RELIABILITY)}, got "
+                           f"{reliability!r}.")
     files = [str(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
     from raymoll.study.report import is_study, study_report
     if len(files) == 1 and is_study(files[0]):  # written by `raymoll study`: its own report
@@ -255,7 +283,7 @@ def report(results: Sequence[str | Path], out: str | Path) -> Path:
     runs = _by_run(table)
     _vs_severity(runs, "accuracy", "accuracy", out / "accuracy_vs_severity.png")
     _vs_severity(runs, "ece", "ECE", out / "ece_vs_severity.png")
-    _reliability(runs, out / "reliability.png")
+    _reliability(runs, out / "reliability.png", "_ts" if reliability == "ts" else "")
     _corruption_bars(runs, out / "corruption_accuracy.png")
     summary = out / "summary.md"
     with writing(summary) as tmp:

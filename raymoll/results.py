@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -38,6 +39,16 @@ SCHEMA = pa.schema([
     ("bin_count", pa.list_(pa.int64())),
     ("bin_confidence", pa.list_(pa.float64())),
     ("bin_accuracy", pa.list_(pa.float64())),
+    # After post-hoc temperature scaling (logits / temperature, T fitted on the clean
+    # validation split; NaN when the data folder has none). Accuracy does not change; the
+    # reliability bins do (confidences move between bins).
+    ("temperature", pa.float64()),
+    ("nll_ts", pa.float64()),
+    ("ece_ts", pa.float64()),
+    ("brier_ts", pa.float64()),
+    ("bin_count_ts", pa.list_(pa.int64())),
+    ("bin_confidence_ts", pa.list_(pa.float64())),
+    ("bin_accuracy_ts", pa.list_(pa.float64())),
 ])
 
 
@@ -50,13 +61,34 @@ def writing(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is
     removed, so a reader never sees a half-written file and an old file survives a failure."""
     path = Path(path)
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # clean-up never raises over the real error
+            tmp.unlink(missing_ok=True)
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise ResultsError unless a file can be written at `path`: its nearest existing
+    ancestor must be a folder in which a file can be created (probed, so read-only mounts and
+    permissions are both caught). Creates nothing that stays; call it before any work."""
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ResultsError(f"cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a "
+                           f"folder; choose another output path.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".raymoll-probe-"):
+            pass
+    except OSError as err:
+        raise ResultsError(f"cannot write {str(path)!r}: {str(ancestor)!r} is not writable "
+                           f"({err.strerror}); choose another output path.") from None
 
 
 def write_results(rows: Sequence[dict[str, Any]], metadata: dict[str, Any],

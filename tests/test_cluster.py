@@ -251,7 +251,7 @@ def test_submitted_train_job_scales_a_fake_cluster_up_and_down(fake_cluster, fas
     storage = tmp_path / "results"
     job = submit_job(
         dashboard, env, "python", "jobs/train.py", "--config", "jobs/configs/fashion_small.yaml",
-        f"data.path={fashion_mnist_dir}", "data.train_subset=2048", "data.test_subset=512",
+        f"data.path={fashion_mnist_dir}", "data.train_subset=2048",
         "data.num_workers=1", "eval.val_subset=256", "optim.epochs=1", "model.width=8",
         f"run.storage_path={storage}", "run.name=fake-cluster", "run.num_workers=2",
         "run.cpus_per_worker=1")

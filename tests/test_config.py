@@ -52,6 +52,10 @@ def test_overrides_parse_yaml_values(tmp_path):
     (["data.mixup_alpha=1", "data.cutmix_alpha=1"], ["mixup", "cutmix"]),
     (["optim.lr=.nan"], ["optim.lr", "finite"]),
     (["optim"], ["section.key=value"]),
+    (["data.augment=[fcr,cutout]"], ["data.augment[1]", "cutout", "trivialaugment"]),
+    (["data.augment=[fcr,3]"], ["data.augment[1]", "str"]),
+    (["optim.label_smoothing=1"], ["optim.label_smoothing", "< 1"]),
+    (["optim.label_smoothing=-0.1"], ["optim.label_smoothing", ">= 0"]),
 ])
 def test_bad_values_name_key_value_and_rule(override, words):
     with pytest.raises(ConfigError) as err:
@@ -86,3 +90,17 @@ def test_mollify_defaults_are_the_papers():
     assert (m.t_alpha, m.t_beta, m.sigma_min) == (1.0, 2.0, 0.3)
     assert (m.noise_schedule, m.blur_schedule) == ("cosine", "loglinear")
     assert (m.noise_smoothing_power, m.blur_smoothing_power) == (1.0, 1.0)
+
+
+def test_augment_is_a_list_applied_in_order():
+    cfg = load_config(CONFIGS / "fashion_small.yaml", ["data.augment=[fcr,trivialaugment]"])
+    assert cfg.data.augment == ["fcr", "trivialaugment"]
+    assert load_config(None, ["data.augment=augmix"]).data.augment == ["augmix"]
+    assert Config().data.augment == ["fcr"]
+    from raymoll.config import DataConfig, validate
+    assert validate(Config(data=DataConfig(augment="autoaugment"))).data.augment == ["autoaugment"]
+
+
+def test_label_smoothing_default_is_off():
+    assert Config().optim.label_smoothing == 0.0
+    assert load_config(None, ["optim.label_smoothing=0.1"]).optim.label_smoothing == 0.1

@@ -1,5 +1,6 @@
 """raymoll.data: sources -> .beton -> loader round trips, sharding, augmentation, bad input."""
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -16,8 +17,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
-from raymoll.data import (AUGMENTS, BatchAugment, DataError, batch_mix, flip_crop_rotate,
-                          load_source, load_split, make_loader, prepare, read_meta)
+from torchvision.transforms import v2
+
+from raymoll.data import (AUGMENTS, BatchAugment, BatchMix, DataError, batch_mix,
+                          flip_crop_rotate, load_source, load_split, make_loader, prepare,
+                          read_meta)
+from raymoll.data.sources import stratified_indices
+from raymoll.errors import RaymollError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
@@ -36,28 +42,39 @@ def _epoch(loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def indexed_dir(tmp_path_factory):
-    """Synthetic data whose label is the sample index (one class per sample)."""
-    return prepare("synthetic", tmp_path_factory.mktemp("indexed"), num_train=50, num_test=30,
-                   num_classes=50, progress=False)
+    """Synthetic data whose label is the sample index (one class per sample); 6 of the 56
+    training samples go to val.beton, 50 stay in train.beton."""
+    return prepare("synthetic", tmp_path_factory.mktemp("indexed"), num_train=56, num_test=30,
+                   num_classes=56, progress=False)
+
+
+def _train_source_indices(meta: dict, source_count: int) -> np.ndarray:
+    """The source indices train.beton holds: all but the validation split's, in order."""
+    return np.setdiff1d(np.arange(source_count), meta["val"]["source_indices"])
 
 
 def test_fashion_mnist_matches_idx_files(fashion_mnist_dir):
     meta = read_meta(fashion_mnist_dir)
-    assert meta["counts"] == {"train": 60000, "test": 10000}
+    assert meta["counts"] == {"train": 54000, "val": 6000, "test": 10000}
     assert meta["num_classes"] == 10 and meta["image_size"] == [32, 32]
-    for split, prefix, count in (("train", "train", 60000), ("test", "t10k", 10000)):
+    assert (meta["val"]["fraction"], meta["val"]["seed"]) == (0.1, 0)
+    val_indices = np.array(meta["val"]["source_indices"])
+    where = {"train": _train_source_indices(meta, 60000), "val": val_indices,
+             "test": np.arange(10000)}
+    for split, prefix in (("train", "train"), ("val", "train"), ("test", "t10k")):
         images, labels = load_split(fashion_mnist_dir, split)
         grey = torch.tensor(_idx(f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28))
-        expected = torch.zeros(count, 3, 32, 32, dtype=torch.uint8)
+        grey = grey[where[split]]
+        expected = torch.zeros(len(grey), 3, 32, 32, dtype=torch.uint8)
         expected[:, :, 2:30, 2:30] = grey[:, None]
         assert images.shape == expected.shape and images.dtype == torch.uint8
         assert torch.equal(images, expected)
-        assert torch.equal(labels, torch.tensor(_idx(f"{prefix}-labels-idx1-ubyte.gz", 8))
-                           .long())
-        assert torch.bincount(labels).tolist() == [count // 10] * 10
-    # mean/std in [0, 255] units over every train pixel (the 3 channels are equal)
+        source_labels = torch.tensor(_idx(f"{prefix}-labels-idx1-ubyte.gz", 8)).long()
+        assert torch.equal(labels, source_labels[where[split]])
+        assert torch.bincount(labels).tolist() == [len(labels) // 10] * 10  # 6000 per class
+    # mean/std in [0, 255] units over every pixel of train.beton (the 3 channels are equal)
     pixels = torch.tensor(_idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28))
-    padded = F.pad(pixels, (2, 2, 2, 2)).double()
+    padded = F.pad(pixels[where["train"]], (2, 2, 2, 2)).double()
     np.testing.assert_allclose(meta["mean"], [padded.mean().item()] * 3, rtol=1e-9)
     np.testing.assert_allclose(meta["std"], [padded.std(unbiased=False).item()] * 3, rtol=1e-9)
 
@@ -66,9 +83,13 @@ def test_synthetic_round_trips_exactly(tmp_path):
     kwargs = dict(num_train=120, num_test=40, num_classes=4, image_size=24, seed=3)
     prepare("synthetic", tmp_path, progress=False, **kwargs)
     source = load_source("synthetic", **kwargs)
-    for split in ("train", "test"):
+    meta = read_meta(tmp_path)
+    where = {"train": _train_source_indices(meta, 120), "val": meta["val"]["source_indices"],
+             "test": range(40)}
+    for split in ("train", "val", "test"):
         images, labels = load_split(tmp_path, split)
-        reference = [getattr(source, split)[i] for i in range(len(labels))]
+        origin = source.test if split == "test" else source.train
+        reference = [origin[int(i)] for i in where[split]]
         expected = torch.from_numpy(np.stack([image for image, _ in reference]))
         assert torch.equal(images, expected.permute(0, 3, 1, 2))
         assert labels.tolist() == [label for _, label in reference]
@@ -79,7 +100,7 @@ def test_loader_orders_batches_and_subsets(indexed_dir):
     train = make_loader(indexed_dir, "train", 8, "cpu", train=True, seed=1)
     assert torch.get_num_threads() == threads
     x, y = _epoch(train)
-    assert x.dtype == torch.float32 and x.shape == (48, 3, 32, 32)  # drop_last: 6 full batches
+    assert x.dtype == torch.float32 and x.shape == (48, 3, 32, 32)  # 50, drop_last: 6 batches
     assert len(set(y.tolist())) == 48 and y.tolist() != sorted(y.tolist())
     assert torch.equal(y, _epoch(make_loader(indexed_dir, "train", 8, "cpu", train=True,
                                              seed=1))[1])
@@ -107,7 +128,8 @@ def test_two_ranks_get_disjoint_shards(indexed_dir, tmp_path):
     for train in (True, False):
         shards = [set(np.load(tmp_path / f"rank{r}-{train}.npy").tolist()) for r in range(2)]
         assert len(shards[0]) == len(shards[1]) == 25
-        assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(50))
+        in_train = set(_train_source_indices(read_meta(indexed_dir), 56).tolist())
+        assert not shards[0] & shards[1] and shards[0] | shards[1] == in_train
 
 
 def _shifted_flips(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
@@ -154,16 +176,70 @@ def test_fcr_keeps_float_and_policies_refuse_float():
 def test_batch_mix_gives_soft_labels():
     assert batch_mix(10) is None
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
-    for mix in (batch_mix(10, mixup_alpha=1.0), batch_mix(10, cutmix_alpha=1.0)):
-        mixed, soft = mix(x, y)
+    for mix in (batch_mix(10, mixup_alpha=1.0), batch_mix(10, cutmix_alpha=1.0),
+                BatchMix(10, 1.0, 1.0)):
+        mixed, soft = mix(x.clone(), y)
         assert mixed.shape == x.shape and soft.shape == (8, 10)
         torch.testing.assert_close(soft.sum(1), torch.ones(8))
+
+
+@pytest.mark.parametrize("mixup_alpha, cutmix_alpha, reference",
+                         [(0.4, 0.0, v2.MixUp), (0.0, 1.0, v2.CutMix)])
+def test_batch_mix_is_torchvisions_at_the_same_draws(mixup_alpha, cutmix_alpha, reference):
+    x, y = torch.rand(6, 3, 20, 16), torch.tensor([0, 1, 2, 3, 4, 2])
+    mix = BatchMix(5, mixup_alpha, cutmix_alpha, torch.Generator().manual_seed(0))
+    tv = reference(alpha=max(mixup_alpha, cutmix_alpha), num_classes=5)
+    for _ in range(5):
+        params = mix.sample(20, 16)
+        ours = mix.apply(x.clone(), y, params)
+        theirs = [tv.transform(inpt, {"labels": y, "batch_size": 6, **params})
+                  for inpt in (x.clone(), y)]
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+        torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=0)
+
+
+def test_batch_mix_draws_follow_its_generator():
+    draws = lambda seed: [BatchMix(5, 0.0, 1.0, torch.Generator().manual_seed(seed)).sample(8, 8)
+                          for _ in range(3)]
+    assert draws(1) == draws(1) and draws(1) != draws(2)
+    mix = BatchMix(5, 0.5, 0.0, torch.Generator().manual_seed(0))
+    lams = np.array([mix.sample(8, 8)["lam"] for _ in range(4000)])
+    assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 0.125) < 0.01  # Beta(.5, .5)
 
 
 def test_augment_inside_the_loader(indexed_dir):
     x, y = _epoch(make_loader(indexed_dir, "test", 10, "cpu", train=False, normalize=False,
                               augment=BatchAugment("trivialaugment")))
     assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8 and y.tolist() == list(range(30))
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(7, size=1003, p=[0.4, 0.2, 0.15, 0.1, 0.1, 0.04, 0.01])
+    held_out, rest = stratified_indices(labels, 0.15, seed=3)
+    assert not set(held_out.tolist()) & set(rest.tolist())
+    assert sorted(held_out.tolist() + rest.tolist()) == list(range(len(labels)))
+    assert len(held_out) == round(0.15 * len(labels))
+    for c in range(7):  # within one image of the class's share
+        assert abs((labels[held_out] == c).sum() - 0.15 * (labels == c).sum()) < 1
+    again, _ = stratified_indices(labels, 0.15, seed=3)
+    other, _ = stratified_indices(labels, 0.15, seed=4)
+    assert np.array_equal(held_out, again) and not np.array_equal(held_out, other)
+
+
+def test_prepare_val_split_follows_its_seed(tmp_path):
+    kwargs = dict(num_train=200, num_test=20, num_classes=4, image_size=8, progress=False)
+    chosen = {}
+    for name, seed, fraction in (("a", 5, 0.2), ("b", 5, 0.2), ("c", 6, 0.2), ("d", 5, 0.3)):
+        meta = read_meta(prepare("synthetic", tmp_path / name, val_seed=seed,
+                                 val_fraction=fraction, **kwargs))
+        assert (meta["val"]["seed"], meta["val"]["fraction"]) == (seed, fraction)
+        assert meta["counts"]["val"] == round(fraction * 200) == len(meta["val"]["source_indices"])
+        assert meta["counts"]["train"] == 200 - meta["counts"]["val"]
+        _, labels = load_split(tmp_path / name, "val")
+        assert torch.bincount(labels).tolist() == [meta["counts"]["val"] // 4] * 4
+        chosen[name] = meta["val"]["source_indices"]
+    assert chosen["a"] == chosen["b"] and chosen["a"] != chosen["c"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +298,27 @@ def test_non_square_rejected(damaged, tmp_path):
                                              '"image_size": [32, 24]'))
     with pytest.raises(DataError, match="24x32 images"):
         read_meta(damaged)
+
+
+def test_folder_without_val_split_names_the_fix(damaged):
+    """A folder prepared before the validation split existed."""
+    meta_path = damaged / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["val"], meta["counts"]["val"], meta["files"]["val"]
+    meta_path.write_text(json.dumps(meta))
+    (damaged / "val.beton").unlink()
+    with pytest.raises(RaymollError, match="raymoll prepare --dataset synthetic --out"):
+        read_meta(damaged)
+    with pytest.raises(RaymollError, match="raymoll prepare --dataset synthetic --out"):
+        make_loader(damaged, "train", 4, "cpu", train=True)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 0.001])
+def test_bad_val_fraction(tmp_path, fraction):
+    with pytest.raises(DataError, match="val_fraction"):
+        prepare("synthetic", tmp_path / "out", num_train=100, val_fraction=fraction,
+                progress=False)
+    assert not (tmp_path / "out" / "meta.json").exists()
 
 
 def test_unknown_dataset_and_missing_root(tmp_path):

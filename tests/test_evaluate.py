@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,11 @@ from raymoll.checkpoint import CheckpointError, load_model, save_checkpoint
 from raymoll.config import Config, to_dict
 from raymoll.corruptions import CORRUPTIONS, FAMILIES, VALIDATION_CORRUPTIONS, corrupt
 from raymoll.data import load_split, normalizer, prepare, read_meta
+from raymoll.corruptions.official import CorruptionFilesError
+from raymoll.errors import RaymollError
 from raymoll.evaluate import EvaluateError, evaluate, set_seed
+from raymoll.evaluation.scoring import SetScorer, fit_temperature
+from raymoll.results import ResultsError
 from raymoll.metrics import (accuracy, brier_score, expected_calibration_error,
                              negative_log_likelihood)
 from raymoll.models import build_model
@@ -187,7 +192,7 @@ def test_incomplete_c_folder_fails_before_work_and_keeps_the_old_output(tmp_path
 
 def test_c_files_of_another_image_size_are_refused(tmp_path, data_dir, checkpoint):
     root = fake_c_folder(tmp_path / "c", CORRUPTIONS, 16)
-    with pytest.raises(EvaluateError, match="16x16"):
+    with pytest.raises(CorruptionFilesError, match="16x16"):
         evaluate(checkpoint, data_dir, corruptions_dir=root, out=tmp_path / "r.parquet",
                  device="cpu")
     assert not (tmp_path / "r.parquet").exists()
@@ -207,3 +212,169 @@ def test_bad_arguments_are_refused(tmp_path, data_dir, checkpoint, kwargs, messa
     with pytest.raises(EvaluateError, match=message):
         evaluate(checkpoint, data_dir, out=tmp_path / "r.parquet", **kwargs)
     assert not (tmp_path / "r.parquet").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature scaling
+
+
+def calibrated_logits(n, k=10, seed=0):
+    """Logits whose softmax is the true label distribution: labels drawn from it."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g, dtype=torch.float64) * 2
+    labels = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+    return logits, labels
+
+
+def nll(logits, labels, t):
+    return torch.nn.functional.cross_entropy(logits / t, labels).item()
+
+
+def test_fitted_temperature_is_the_grid_minimum_of_nll_on_over_confident_logits():
+    logits, labels = calibrated_logits(4000)
+    over_confident = 2.5 * logits
+    fitted = fit_temperature(over_confident, labels)
+    grid = torch.logspace(np.log10(0.5), np.log10(10), 8001, dtype=torch.float64)
+    losses = torch.stack([torch.nn.functional.cross_entropy(over_confident / t, labels)
+                          for t in grid])
+    best = grid[losses.argmin()].item()
+    assert fitted == pytest.approx(best, rel=1e-3)
+    assert nll(over_confident, labels, fitted) <= losses.min().item() + 1e-12
+
+
+def test_fitted_temperature_of_calibrated_logits_is_one():
+    logits, labels = calibrated_logits(100_000, seed=1)
+    assert fit_temperature(logits, labels) == pytest.approx(1.0, abs=1e-2)
+
+
+@pytest.fixture(scope="module")
+def with_val(tmp_path_factory):
+    """A data folder with a validation split: until `prepare` writes one, the test split
+    copied as val.beton (the fit only needs a split of the same kind)."""
+    import shutil
+
+    from raymoll.data.prepare import SPLITS
+    if "val" not in SPLITS:
+        pytest.skip("needs the validation split of `raymoll prepare` (the protocol branch)")
+    folder = prepare("synthetic", tmp_path_factory.mktemp("valdata"), num_train=20,
+                     num_test=N_TEST, progress=False)
+    meta = json.loads((folder / "meta.json").read_text())
+    if "val" not in meta["counts"]:
+        shutil.copy(folder / meta["files"]["test"]["file"], folder / "val.beton")
+        meta["counts"]["val"] = meta["counts"]["test"]
+        meta["files"]["val"] = dict(meta["files"]["test"], file="val.beton")
+        (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_each_row_is_scored_raw_and_temperature_scaled(tmp_path, with_val, checkpoint):
+    torch.set_num_threads(1)
+    out = evaluate(checkpoint, with_val, out=tmp_path / "r.parquet", severities=[4], seed=3,
+                   device="cpu")
+    frame = pd.read_parquet(out)
+    model, _ = load_model(checkpoint)
+    normalize = normalizer(read_meta(with_val))
+    with torch.no_grad():
+        val_images, val_labels = load_split(with_val, "val")
+        t = fit_temperature(model(normalize(val_images)), val_labels)
+    assert (frame["temperature"] == t).all()
+    assert json.loads(pq.read_schema(out).metadata[b"raymoll"])["tiny"]["temperature"] == t
+    images, labels = load_split(with_val, "test")
+    for corruption in ("clean", "fog", "speckle_noise"):
+        severity = 0 if corruption == "clean" else 4
+        x = images if not severity else corrupt(images, corruption, severity, generator=torch.Generator().manual_seed(set_seed(3, corruption, severity)))
+        with torch.no_grad():
+            probs = (model(normalize(x)) / t).softmax(1).double()
+        got = row(frame, corruption, severity)
+        assert got["nll_ts"] == pytest.approx(negative_log_likelihood(probs, labels), rel=1e-5)
+        assert got["ece_ts"] == pytest.approx(expected_calibration_error(probs, labels),
+                                              rel=1e-5, abs=1e-7)
+        assert got["brier_ts"] == pytest.approx(brier_score(probs, labels), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defects of issue 14 (each failed before: late, or a traceback)
+
+
+@pytest.mark.parametrize("where", ["parent_is_a_file", "read_only"])
+def test_defect2_unwritable_out_fails_before_any_work(tmp_path, data_dir, checkpoint, where,
+                                                      monkeypatch):
+    if where == "parent_is_a_file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "r.parquet"
+    else:
+        out = Path("/proc/raymoll-not-writable/r.parquet")  # read-only even for root
+    scored = []
+    monkeypatch.setattr(SetScorer, "__call__", lambda *a, **k: scored.append(1))
+    with pytest.raises(ResultsError, match="cannot write"):
+        evaluate(checkpoint, data_dir, out=out, device="cpu")
+    assert not scored  # refused before the first set was scored
+
+
+def test_defect5_every_c_file_is_checked_by_header_before_scoring(tmp_path, data_dir,
+                                                                    checkpoint, monkeypatch):
+    root = fake_c_folder(tmp_path / "c", CORRUPTIONS, 32)
+    np.save(root / "jpeg_compression.npy", np.zeros((5 * N_OFFICIAL, 16, 16, 3), np.uint8))
+    scored = []
+    monkeypatch.setattr(SetScorer, "__call__", lambda *a, **k: scored.append(1))
+    with pytest.raises(CorruptionFilesError, match="jpeg_compression.npy holds 16x16"):
+        evaluate(checkpoint, data_dir, corruptions_dir=root, out=tmp_path / "r.parquet",
+                 device="cpu")
+    assert not scored and not (tmp_path / "r.parquet").exists()
+
+
+@pytest.mark.parametrize("kwargs,message", [({"subset": -5}, "--subset"),
+                                            ({"subset": 10 ** 6}, "--subset"),
+                                            ({"batch_size": 0}, "--batch-size"),
+                                            ({"runner": "spark"}, "--runner")])
+def test_defect8_bad_sizes_are_refused_clearly(tmp_path, data_dir, checkpoint, kwargs, message):
+    with pytest.raises(EvaluateError, match=message):
+        evaluate(checkpoint, data_dir, out=tmp_path / "r.parquet", device="cpu", **kwargs)
+
+
+def test_defect7_bad_checkpoints_are_refused_clearly(tmp_path, data_dir, checkpoint):
+    state = torch.load(Path(checkpoint) / "checkpoint.pt", weights_only=True)
+    cases = {"folder": tmp_path / "empty", "missing": tmp_path / "nothing.pt",
+             "garbage": tmp_path / "garbage.pt"}
+    cases["folder"].mkdir()
+    cases["garbage"].write_bytes(np.random.default_rng(0).bytes(4096))
+    no_model = dict(state, config={k: v for k, v in state["config"].items() if k != "model"})
+    cases["no_model"] = save_checkpoint(tmp_path / "no_model", no_model)
+    mismatch = dict(state, config=dict(state["config"], model=dict(state["config"]["model"],
+                                                                     width=8)))
+    cases["mismatch"] = save_checkpoint(tmp_path / "mismatch", mismatch)
+    cases["no_ema"] = checkpoint
+    messages = {"folder": "no raymoll checkpoint", "missing": "no raymoll checkpoint",
+                "garbage": "not a readable", "no_model": "config.model",
+                "mismatch": "do not fit its config", "no_ema": "no EMA weights"}
+    for case, path in cases.items():
+        kwargs = {"weights": "ema"} if case == "no_ema" else {}
+        with pytest.raises(CheckpointError, match=messages[case]):
+            evaluate(path, data_dir, out=tmp_path / "r.parquet", device="cpu", **kwargs)
+    assert not (tmp_path / "r.parquet").exists()
+
+
+def test_ema_and_raw_weights_follow_the_checkpoint_contract(tmp_path, data_dir, checkpoint):
+    state = torch.load(Path(checkpoint) / "checkpoint.pt", weights_only=True)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    path = save_checkpoint(tmp_path / "ema", dict(state, ema=ema, selected="ema"))
+    for weights, expected in (("selected", ema), ("ema", ema), ("raw", state["model"])):
+        model, loaded = load_model(path, weights=weights)
+        assert loaded["weights"] == ("raw" if expected is state["model"] else "ema")
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, expected[key]), (weights, key)
+
+
+@pytest.mark.ray
+def test_ray_runner_rows_equal_the_local_runner(tmp_path, data_dir, checkpoint, ray_local):
+    torch.set_num_threads(1)
+    kwargs = {"severities": [2], "seed": 5, "batch_size": 8, "device": "cpu"}
+    local = pq.read_table(evaluate(checkpoint, data_dir, out=tmp_path / "l.parquet",
+                                   runner="local", **kwargs))
+    on_ray = pq.read_table(evaluate(checkpoint, data_dir, out=tmp_path / "r.parquet",
+                                    runner="ray", **kwargs))
+    assert on_ray.num_rows == 1 + 19
+    assert json.loads(on_ray.schema.metadata[b"raymoll"])["tiny"]["runner"] == "ray"
+    for name in local.column_names:  # NaN (empty bins, no val split) compares equal here
+        np.testing.assert_array_equal(np.array(local[name].to_pylist(), dtype=object),
+                                      np.array(on_ray[name].to_pylist(), dtype=object), name)

@@ -31,7 +31,11 @@ def fake_rows(run, mollified, seed):
                      "accuracy": rng.uniform(0.2, 0.9), "nll": rng.uniform(0.3, 2.0),
                      "ece": rng.uniform(0.0, 0.2), "brier": rng.uniform(0.1, 0.9),
                      "bin_count": count.tolist(), "bin_confidence": confidence.tolist(),
-                     "bin_accuracy": acc.tolist()})
+                     "bin_accuracy": acc.tolist(), "temperature": 1.5 + seed,
+                     "nll_ts": rng.uniform(0.3, 2.0), "ece_ts": rng.uniform(0.0, 0.2),
+                     "brier_ts": rng.uniform(0.1, 0.9), "bin_count_ts": count[::-1].tolist(),
+                     "bin_confidence_ts": confidence[::-1].tolist(),
+                     "bin_accuracy_ts": acc[::-1].tolist()})
     return rows
 
 
@@ -77,10 +81,17 @@ def test_headline_is_the_mean_over_the_right_sets(two_runs):
         assert rows[run]["corrupted_accuracy"] == pytest.approx(test["accuracy"].mean())
         assert rows[run]["corrupted_nll"] == pytest.approx(test["nll"].mean())
         assert rows[run]["corrupted_ece"] == pytest.approx(test["ece"].mean())
+        assert rows[run]["corrupted_nll_ts"] == pytest.approx(test["nll_ts"].mean())
+        assert rows[run]["corrupted_ece_ts"] == pytest.approx(test["ece_ts"].mean())
+        assert rows[run]["clean_ece_ts"] == group[group["severity"] == 0]["ece_ts"].item()
+        assert rows[run]["temperature"] == group["temperature"].iloc[0]
         validation = group[group["corruption"].isin(VALIDATION_CORRUPTIONS)]
         assert rows[run]["validation_accuracy"] == pytest.approx(validation["accuracy"].mean())
         blur = group[group["corruption"].isin(CORRUPTIONS[3:7])]
         assert rows[run]["blur_ece"] == pytest.approx(blur["ece"].mean())
+        assert rows[run]["blur_ece_ts"] == pytest.approx(blur["ece_ts"].mean())
+        assert rows[run]["noise_nll_ts"] == pytest.approx(
+            group[group["corruption"].isin(CORRUPTIONS[:3])]["nll_ts"].mean())
 
 
 def test_format_table_is_markdown_with_percentages():
@@ -113,3 +124,20 @@ def test_report_refuses_a_bad_file_before_writing(tmp_path):
     with pytest.raises(ResultsError):
         report([str(tmp_path / "bad.parquet")], tmp_path / "report")
     assert not (tmp_path / "report").exists()
+
+
+def test_report_shows_raw_and_scaled_side_by_side_and_draws_either_reliability(tmp_path,
+                                                                              two_runs):
+    raw = report([str(p) for p in two_runs], tmp_path / "raw").read_text()
+    scaled_png = tmp_path / "ts" / "reliability.png"
+    report([str(p) for p in two_runs], tmp_path / "ts", reliability="ts")
+    frame = pd.concat([pd.read_parquet(p) for p in two_runs])
+    for run, group in frame.groupby("run"):
+        test = group[group["corruption"].isin(CORRUPTIONS)]
+        line = next(line for line in raw.splitlines() if line.startswith(f"| {run} | smallcnn"))
+        assert f"| {test['nll'].mean():.4f} | {test['nll_ts'].mean():.4f} |" in line
+        assert f"| {test['ece'].mean():.4f} | {test['ece_ts'].mean():.4f} |" in line
+    # The scaled bins differ from the raw ones (reversed above), so the drawings differ.
+    assert scaled_png.read_bytes() != (tmp_path / "raw" / "reliability.png").read_bytes()
+    with pytest.raises(ResultsError, match="reliability"):
+        report([str(p) for p in two_runs], tmp_path / "bad", reliability="calibrated")

@@ -1,77 +1,174 @@
-"""Training on a real local Ray: 2 DDP workers on Fashion-MNIST, per-epoch metrics, checkpoints
-that reproduce what was reported, and recovery from a worker that dies mid-epoch."""
+"""Training on a real local Ray: 2 DDP workers on Fashion-MNIST, per-epoch metrics on the
+validation split, checkpoints that reproduce what was reported, exact resume after a worker
+dies mid-epoch, and proof that the test split cannot influence training or selection."""
+import json
+import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from raymoll.checkpoint import load_checkpoint, load_model
 from raymoll.config import load_config
 from raymoll.data import load_split, normalizer
+from raymoll.data.prepare import _sha256, _write_split
+from raymoll.data.sources import ArraySplit
 from raymoll.inference import score
+from raymoll.mollify import Mollifier, MollifyConfig
+from raymoll.train.loop import FAULT_DRILL_ENV, Trainee, smooth_labels, training_batch
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fashion_small.yaml"
-TINY = ["optim.epochs=2", "data.train_subset=4096", "data.test_subset=500",
-        "eval.val_subset=200", "data.batch_size=64", "model.width=16"]
+# Augmentation (fcr + a policy) and MixUp on, so exact resume covers every random stream.
+TINY = ["optim.epochs=2", "data.train_subset=4096", "eval.val_subset=200",
+        "data.batch_size=64", "model.width=16", "data.augment=[fcr,trivialaugment]",
+        "data.mixup_alpha=0.2", "run.num_workers=2", "run.num_to_keep=10"]
+
+
+def _fit(data_dir, storage, name: str, drill: str | None = None, extra=()):
+    from raymoll.train import fit
+    cfg = load_config(CONFIG, TINY + [f"data.path={data_dir}", f"run.storage_path={storage}",
+                                      f"run.name={name}", *extra])
+    if drill:
+        os.environ[FAULT_DRILL_ENV] = drill
+    try:
+        return cfg, fit(cfg)
+    finally:
+        os.environ.pop(FAULT_DRILL_ENV, None)
+
+
+def _permuted_test_copy(data_dir: Path, out: Path) -> Path:
+    """A copy of a prepared folder whose test.beton has its labels permuted (meta.json
+    consistent); train.beton and val.beton are hard links to the originals."""
+    out.mkdir()
+    for name in ("train.beton", "val.beton"):
+        os.link(data_dir / name, out / name)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    images, labels = load_split(data_dir, "test")
+    permuted = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    assert (permuted != labels).float().mean() > 0.5
+    _write_split(ArraySplit(images.permute(0, 2, 3, 1).numpy(), permuted.numpy()),
+                 out / "test.beton", meta["fields"])
+    meta["files"]["test"] |= {"bytes": (out / "test.beton").stat().st_size,
+                              "sha256": _sha256(out / "test.beton"),
+                              "ends_sha256": _sha256(out / "test.beton", ends_only=True)}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
 
 
 @pytest.fixture(scope="module")
-def drilled_run(ray_local, fashion_mnist_dir, tmp_path_factory):
-    """One 2-worker, 2-epoch run whose rank 0 is killed late in epoch 2 (step 25 of 32: well
-    after epoch 1's checkpoint is registered, PLATFORM_NOTES.md)."""
-    from raymoll.train import fit
+def runs(ray_local, fashion_mnist_dir, tmp_path_factory):
+    """Three 2-worker, 2-epoch runs with one seed: A uninterrupted; B whose rank 0 is killed
+    late in epoch 2 (step 25 of 32: well after epoch 1's checkpoint is registered) and
+    resumed; C on a copy of the data whose test labels are permuted."""
     storage = tmp_path_factory.mktemp("train")
-    cfg = load_config(CONFIG, TINY + [
-        f"data.path={fashion_mnist_dir}", f"run.storage_path={storage}", "run.name=drill",
-        "run.num_workers=2", "run.max_failures=1", "run.num_to_keep=10", "run.fault_epoch=2", "run.fault_step=25"])
-    return cfg, fit(cfg)
+    permuted = _permuted_test_copy(Path(fashion_mnist_dir), tmp_path_factory.mktemp("p") / "d")
+    return {"A": _fit(fashion_mnist_dir, storage, "a"),
+            "B": _fit(fashion_mnist_dir, storage, "b", drill="2:25:exit",
+                      extra=["run.max_failures=1"]),
+            "C": _fit(permuted, storage, "c")}
+
+
+def _checkpoints(result) -> dict[int, dict]:
+    states = [load_checkpoint(p) for p in Path(result.path).glob("checkpoint_*") if p.is_dir()]
+    return {state["epoch"]: state for state in states}
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.ray
-def test_every_epoch_reports_metrics_once(drilled_run):
-    cfg, result = drilled_run
-    checkpoint_epochs = sorted(load_checkpoint(p)["epoch"] for p in _checkpoints(result))
-    assert checkpoint_epochs == [1, 2]  # epoch 1 was not redone after the restart
+def test_every_epoch_reports_metrics_once(runs):
+    cfg, result = runs["A"]
+    assert sorted(_checkpoints(result)) == [1, 2]
     assert result.metrics["epoch"] == 2
     for key in ("train_loss", "clean_accuracy", "clean_nll", "clean_ece", "val_accuracy",
                 "val_nll", "val_ece", "val_score", "val_saturate_accuracy"):
         assert key in result.metrics
-    assert result.metrics["clean_n"] == cfg.data.test_subset  # rank shards add up, no padding
+    assert result.metrics["clean_n"] == cfg.eval.val_subset  # rank shards add up, no padding
     assert result.metrics["clean_accuracy"] > 0.3  # it learned (chance is 0.1)
+    objective = cfg.tune.objective
+    assert result.metrics["val_score"] == pytest.approx(
+        sum(w * result.metrics[k] for k, w in objective.items()))
 
 
 @pytest.mark.ray
-def test_worker_death_resumes_from_epoch_one(drilled_run):
-    cfg, result = drilled_run
-    assert (Path(result.path) / "fault_drill_done").exists()  # the drill really fired
+def test_resumed_run_reaches_the_uninterrupted_weights_bitwise(runs):
+    (_, a), (_, b) = runs["A"], runs["B"]
+    assert (Path(b.path) / "fault_drill_done").exists()  # the drill really fired
+    assert sorted(_checkpoints(b)) == [1, 2]  # epoch 1 was not redone after the restart
+    final_a, final_b = _checkpoints(a)[2], _checkpoints(b)[2]
+    assert _same_weights(final_a["model"], final_b["model"])
+    assert final_a["metrics"]["train_loss"] == final_b["metrics"]["train_loss"]
 
 
 @pytest.mark.ray
-def test_checkpoint_reproduces_reported_accuracy(drilled_run, fashion_mnist_dir):
-    cfg, result = drilled_run
+def test_test_split_cannot_influence_training_or_selection(runs):
+    (_, a), (_, c) = runs["A"], runs["C"]
+    ckpt_a, ckpt_c = _checkpoints(a), _checkpoints(c)
+    assert sorted(ckpt_a) == sorted(ckpt_c)
+    for epoch in ckpt_a:
+        drop = lambda m: {k: v for k, v in m.items() if k != "epoch_seconds"}
+        assert drop(ckpt_a[epoch]["metrics"]) == drop(ckpt_c[epoch]["metrics"])
+    assert a.best_checkpoint is not None and c.best_checkpoint is not None
+    assert _same_weights(load_checkpoint(a.best_checkpoint)["model"],
+                         load_checkpoint(c.best_checkpoint)["model"])
+
+
+@pytest.mark.ray
+def test_checkpoint_reproduces_reported_accuracy(runs, fashion_mnist_dir):
+    cfg, result = runs["A"]
     model, state = load_model(result.last_checkpoint)
-    images, labels = load_split(fashion_mnist_dir, "test", subset=cfg.data.test_subset)
+    images, labels = load_split(fashion_mnist_dir, "val", subset=cfg.eval.val_subset)
     metrics = score(model, images, labels, normalizer(state["meta"])).compute()
-    assert metrics["n"] == cfg.data.test_subset
+    assert metrics["n"] == cfg.eval.val_subset
     assert metrics["accuracy"] == pytest.approx(result.metrics["clean_accuracy"], abs=1e-9)
     assert metrics["nll"] == pytest.approx(result.metrics["clean_nll"], rel=1e-4)
-    weights = torch.load(Path(result.last_checkpoint) / "checkpoint.pt", weights_only=True)
-    assert weights["config"]["run"]["name"] == "drill"
-
-
-def _checkpoints(result) -> list[str]:
-    return [str(p) for p in Path(result.path).glob("checkpoint_*") if p.is_dir()]
+    assert state["config"]["run"]["name"] == "a"
 
 
 @pytest.mark.ray
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_local, fashion_mnist_dir,
                                                                     tmp_path):
     import ray.train
-    from raymoll.train import fit
-    cfg = load_config(CONFIG, TINY + [
-        f"data.path={fashion_mnist_dir}", f"run.storage_path={tmp_path}", "run.name=nan",
-        "run.fault_epoch=2", "run.fault_step=3", "run.fault_kind=nan", "data.train_subset=1024"])
     with pytest.raises(ray.train.TrainingFailedError, match="non-finite at epoch 2, step 3"):
-        fit(cfg)
+        _fit(fashion_mnist_dir, tmp_path, "nan", drill="2:3:nan",
+             extra=["data.train_subset=1024", "run.num_workers=1"])
     checkpoints = [p for p in (tmp_path / "nan").glob("checkpoint_*") if p.is_dir()]
     assert [load_checkpoint(p)["epoch"] for p in checkpoints] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The training targets (no Ray)
+
+
+def _trainee(mollify: MollifyConfig, eps: float, k: int = 5) -> Trainee:
+    streams = {"mollify": torch.Generator().manual_seed(3)}
+    return Trainee(None, None, None, None, Mollifier(mollify, image_size=8, num_classes=k),
+                   None, eps, streams)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.35])
+def test_label_smoothing_targets_equal_the_definition(eps):
+    k, y = 5, torch.tensor([0, 3, 4, 1])
+    x = torch.randn(4, 3, 8, 8)
+    _, targets = training_batch(_trainee(MollifyConfig(enabled=False), eps, k), x, y)
+    expected = (1 - eps) * torch.nn.functional.one_hot(y, k).float() + eps / k
+    torch.testing.assert_close(targets, expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(smooth_labels(expected, k, 0.2), 0.8 * expected + 0.2 / k)
+
+
+def test_label_smoothing_composes_with_the_mollifier():
+    """(1 - eps)(1 - gamma) onehot + (1 - (1 - eps)(1 - gamma)) / K, gamma the mollifier's."""
+    k, eps, y = 5, 0.1, torch.arange(8) % 5
+    x = torch.randn(8, 3, 8, 8)
+    _, mollified_only = training_batch(_trainee(MollifyConfig(), 0.0, k), x, y)
+    _, both = training_batch(_trainee(MollifyConfig(), eps, k), x, y)
+    onehot = torch.nn.functional.one_hot(y, k).float()
+    # mollified_only = (1 - gamma) onehot + gamma / K: recover gamma per sample
+    gamma = (1 - mollified_only[torch.arange(8), y]) * k / (k - 1)
+    keep = ((1 - eps) * (1 - gamma))[:, None]
+    torch.testing.assert_close(both, keep * onehot + (1 - keep) / k, rtol=0, atol=1e-6)
+    assert (gamma > 0).any()  # some samples were mollified

@@ -188,7 +188,7 @@ def interrupted_search(ray_local, fashion_mnist_dir, tmp_path_factory):
     from raymoll.tune import run_search
     out = tmp_path_factory.mktemp("tune")
     cfg = load_config(CONFIGS / "fashion_tune.yaml", [
-        f"data.path={fashion_mnist_dir}", "data.train_subset=1024", "data.test_subset=256",
+        f"data.path={fashion_mnist_dir}", "data.train_subset=1024",
         "data.batch_size=32", "data.num_workers=1", "eval.val_subset=128", "model.width=8",
         f"optim.epochs={EPOCHS}", f"run.storage_path={out}", "run.name=search",
         # Ray Train's placement groups of trials that ASHA stops are freed by a helper that

@@ -45,7 +45,7 @@ def main() -> None:
 
     out = tempfile.mkdtemp(prefix="tune-bench-")
     cfg = load_config("jobs/configs/fashion_tune.yaml", [
-        f"data.path={args.data}", "data.train_subset=1024", "data.test_subset=256",
+        f"data.path={args.data}", "data.train_subset=1024",
         "data.batch_size=32", "data.num_workers=1", "eval.val_subset=128", "model.width=8",
         f"optim.epochs={args.epochs}", f"tune.num_samples={args.trials}",
         "tune.max_concurrent=2", "run.cpus_per_worker=0.5", f"run.storage_path={out}",

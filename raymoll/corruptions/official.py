@@ -23,40 +23,77 @@ class CorruptionFilesError(RaymollError, FileNotFoundError):
     """A corrupted-set folder lacks files or holds files of the wrong shape."""
 
 
-def _npy_problem(path: Path) -> str | None:
-    """Why the memory-mapped array at `path` is not a (5 n, H, W, 3) uint8 array, or None."""
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the .npy file at `path` from its header alone (no data is read);
+    raises ValueError or OSError for a file that is not .npy."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(file)
+    return shape, dtype
+
+
+def _npy_problem(path: Path, image_size: tuple[int, int] | None) -> str | None:
+    """Why the .npy file at `path` is not a (5 n, H, W, 3) uint8 array of `image_size` (H, W),
+    or None."""
     try:
-        array = np.load(path, mmap_mode="r")
+        shape, dtype = npy_header(path)
     except (ValueError, OSError) as error:  # truncated or not an .npy file
         return f"{path.name} cannot be read ({error})"
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3 or len(array) % len(SEVERITIES):
-        return f"{path.name} has shape {array.shape} and dtype {array.dtype}, expected uint8 (5 n, H, W, 3)"
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or shape[0] % len(SEVERITIES):
+        return f"{path.name} has shape {shape} and dtype {dtype}, expected uint8 (5 n, H, W, 3)"
+    if image_size is not None and tuple(shape[1:3]) != tuple(image_size):
+        return (f"{path.name} holds {shape[2]}x{shape[1]} images but the data folder's are "
+                f"{image_size[1]}x{image_size[0]}")
     return None
 
 
-def check_corruptions_dir(root: str | Path, names: tuple[str, ...] | list[str]) -> None:
+def _labels_problem(root: Path, npy_lengths: set[int]) -> str | None:
+    path = root / "labels.npy"
+    if not path.is_file():
+        return "labels.npy is missing"
+    try:
+        shape, dtype = npy_header(path)
+    except (ValueError, OSError) as error:
+        return f"labels.npy cannot be read ({error})"
+    if len(shape) != 1 or dtype.kind not in "iu":
+        return f"labels.npy has shape {shape} and dtype {dtype}, expected integers (5 n,) or (n,)"
+    allowed = npy_lengths | {n // len(SEVERITIES) for n in npy_lengths}
+    if len(npy_lengths) == 1 and shape[0] not in allowed:
+        return f"labels.npy has {shape[0]} labels, expected one per image ({sorted(allowed)})"
+    return None
+
+
+def check_corruptions_dir(root: str | Path, names: tuple[str, ...] | list[str],
+                          image_size: tuple[int, int] | None = None) -> None:
     """Raise CorruptionFilesError naming every missing or malformed file for `names` under
-    `root`; cheap (reads only .npy headers), so call it before any evaluation starts."""
+    `root` (every .npy's shape and dtype, and its image size (H, W) when given); cheap (reads
+    only .npy headers), so call it before any evaluation starts."""
     root = Path(root)
     if not root.is_dir():
         raise CorruptionFilesError(f"the corruptions folder {root} does not exist; point it at the folder holding "
                                    "<corruption>.npy and labels.npy (CIFAR-10-C) or <corruption>/<severity>/ "
                                    "(Tiny-ImageNet-C).")
     problems = []
-    uses_npy = False
+    npy_lengths = set()
     for name in names:
         npy = root / f"{name}.npy"
         if npy.is_file():
-            uses_npy = True
-            problem = _npy_problem(npy)
+            problem = _npy_problem(npy, image_size)
             if problem:
                 problems.append(problem)
+            else:
+                npy_lengths.add(npy_header(npy)[0][0])
         elif not all((root / name / str(s)).is_dir() for s in SEVERITIES):
             problems.append(f"{name}.npy (or the folders {name}/1 .. {name}/5) is missing")
-    if uses_npy and not (root / "labels.npy").is_file():
-        problems.append("labels.npy is missing")
+    if npy_lengths or any((root / f"{name}.npy").is_file() for name in names):
+        problem = _labels_problem(root, npy_lengths)
+        if problem:
+            problems.append(problem)
     if problems:
-        raise CorruptionFilesError(f"the corruptions folder {root} is incomplete: {'; '.join(problems)}. "
+        raise CorruptionFilesError(f"the corruptions folder {root} is incomplete or malformed: "
+                                   f"{'; '.join(problems)}. "
                                    "Download the official -C files (e.g. CIFAR-10-C from Zenodo) into it, or "
                                    "evaluate on corruptions generated on the fly instead.")
 

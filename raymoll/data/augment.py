@@ -1,4 +1,4 @@
-"""Per-sample batch augmentation on the batch's device, and MixUp/CutMix.
+"""Per-sample batch augmentation on the batch's device (MixUp/CutMix: raymoll.data.mix).
 
 "fcr" (the paper's base: flip, crop with 4-px zero padding, rotation up to 15 degrees) is one
 batched affine warp: fully vectorised, works on uint8 or float. The torchvision policies draw
@@ -9,31 +9,36 @@ run them before the normalisation (make_loader(augment=...) does).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from raymoll.errors import RaymollError
+
 AUGMENTS = ("none", "fcr", "trivialaugment", "randaugment", "autoaugment", "augmix")
 _POLICIES = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment,
              "autoaugment": v2.AutoAugment, "augmix": v2.AugMix}
 
 
-def flip_crop_rotate(x: torch.Tensor, pad: int = 4, max_degrees: float = 15.0) -> torch.Tensor:
+def flip_crop_rotate(x: torch.Tensor, pad: int = 4, max_degrees: float = 15.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Per sample: horizontal flip (p=0.5), shift by up to `pad` px per axis (the random crop of
     a zero-padded image), rotation by U(-max_degrees, max_degrees) about the centre.
 
     x: (N,C,H,W) uint8 or float on any device; returns the same shape, dtype and device.
     The three are composed into one 2x3 matrix per sample and sampled once (nearest, zeros
     outside), so shifts and flips copy pixels exactly; unlike three sequential warps, corners
-    that a rotation brings in come from the image where it has pixels there.
+    that a rotation brings in come from the image where it has pixels there. Every draw comes
+    from `generator` (on x's device; the global RNG when None).
     """
     n, _, h, w = x.shape
-    flip = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0)
-    shift = torch.randint(-pad, pad + 1, (n, 2), device=x.device).float()
-    angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(max_degrees)
+    g, dev = generator, x.device
+    flip = torch.where(torch.rand(n, device=dev, generator=g) < 0.5, -1.0, 1.0)
+    shift = torch.randint(-pad, pad + 1, (n, 2), device=dev, generator=g).float()
+    angle = (torch.rand(n, device=dev, generator=g) * 2 - 1) * math.radians(max_degrees)
     cos, sin = angle.cos(), angle.sin()
     # Output pixel u (from the centre) reads input pixel Flip @ Rot @ u + shift; affine_grid
     # wants that map in coordinates normalised by the half-sizes, hence the h/w factors.
@@ -46,43 +51,46 @@ def flip_crop_rotate(x: torch.Tensor, pad: int = 4, max_degrees: float = 15.0) -
 
 
 class BatchAugment(nn.Module):
-    """Random augmentation drawn independently for every image of a batch.
+    """Random augmentations drawn independently for every image of a batch, applied in order.
 
-    name: one of AUGMENTS (DataConfig.augment). Input (N,3,H,W) on any device; output has the
-    same shape, dtype and device. fcr takes uint8 or float; the torchvision policies uint8.
+    names: one of AUGMENTS or a sequence of them (DataConfig.augment), e.g. ["fcr",
+    "trivialaugment"]. generator: the source of every random draw (public: the training loop
+    reseeds it each epoch with `augment.generator.manual_seed(...)`); it must live on the
+    batch's device; None = the global RNG. Input (N,3,H,W) on any device; output has the same
+    shape, dtype and device. fcr takes uint8 or float; the policies need uint8.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, names: str | Sequence[str], generator: torch.Generator | None = None):
         super().__init__()
-        if name not in AUGMENTS:
-            raise ValueError(f"unknown augmentation {name!r}: choose one of "
-                             f"{', '.join(AUGMENTS)}.")
-        self.name = name
-        self.policy = _POLICIES[name]() if name in _POLICIES else None
+        self.names = (names,) if isinstance(names, str) else tuple(names)
+        unknown = [n for n in self.names if n not in AUGMENTS]
+        if unknown:
+            raise RaymollError(f"unknown augmentation {unknown[0]!r}: choose one of "
+                               f"{', '.join(AUGMENTS)}.")
+        self.generator = generator
+        self.policies = {n: _POLICIES[n]() for n in self.names if n in _POLICIES}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.name == "none":
-            return x
-        if self.name == "fcr":
-            return flip_crop_rotate(x)
+        for name in self.names:
+            if name == "fcr":
+                x = flip_crop_rotate(x, generator=self.generator)
+            elif name != "none":
+                x = self._policy(name, x)
+        return x
+
+    def _policy(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
-            raise ValueError(f"augmentation {self.name!r} needs uint8 images, got {x.dtype}: "
-                             f"apply it before the normalisation.")
-        return torch.stack([self.policy(image) for image in x])
+            raise RaymollError(f"augmentation {name!r} needs uint8 images, got {x.dtype}: "
+                               f"apply it before the normalisation.")
+        if self.generator is None:
+            return torch.stack([self.policies[name](image) for image in x])
+        # torchvision's policies draw from the global RNG: fork it, seeded from the generator.
+        seed = int(torch.randint(2**62, (1,), generator=self.generator,
+                                 device=self.generator.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.stack([self.policies[name](image) for image in x])
 
     def extra_repr(self) -> str:
-        return self.name
+        return ", ".join(self.names)
 
-
-def batch_mix(num_classes: int, mixup_alpha: float = 0.0,
-              cutmix_alpha: float = 0.0) -> Callable | None:
-    """MixUp and/or CutMix (one picked per batch when both are set), or None when both are 0.
-
-    The callable maps (images float (N,C,H,W), labels int64 (N,)) to (images, soft labels
-    float (N,K)); as torchvision defines them, one Beta(alpha, alpha) lambda per batch.
-    """
-    mixes = [mix(alpha=alpha, num_classes=num_classes)
-             for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
-    if not mixes:
-        return None
-    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

@@ -1,4 +1,9 @@
-"""Write a source to train.beton, test.beton and meta.json; read and check them back.
+"""Write a source to train.beton, val.beton, test.beton and meta.json; read and check them back.
+
+val.beton is a seeded, class-stratified share of the source's training split (meta.json's "val"
+records the fraction, the seed and the source indices it holds); train.beton holds the rest.
+Training, checkpoint selection and search read train and val only; the test split is for
+`raymoll evaluate` alone.
 
 A prepared folder is finished exactly when meta.json exists: prepare writes every file under a
 temporary name, renames the .beton files into place and writes meta.json last, so an interrupted
@@ -18,12 +23,13 @@ import numpy as np
 
 from .. import __version__
 from .beton import check_beton, field_layout, keep_torch_threads, make_fields
-from .sources import ArraySplit, DataError, Split, load_source
+from .sources import ArraySplit, DataError, Split, load_source, stratified_indices, subset
 
 with keep_torch_threads():
     from ffcv.writer import DatasetWriter
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+VAL_FRACTION, VAL_SEED = 0.1, 0  # prepare's defaults for the validation split
 IMAGE_FORMATS = ("auto", "raw", "jpeg")
 RAW_MAX_SIDE = 64  # "auto" stores images up to this size raw (exact), larger ones as JPEG
 FULL_HASH_LIMIT = 1 << 30  # read_meta re-hashes whole files below this size, the ends above
@@ -123,15 +129,29 @@ def _write_mode(image_format: str, image_size: tuple[int, int] | None) -> str:
 
 def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
             image_format: str = "auto", max_side: int = 256, jpeg_quality: int = 90,
+            val_fraction: float = VAL_FRACTION, val_seed: int = VAL_SEED,
             progress: bool = True, **source_kwargs) -> Path:
-    """Write `dataset` to out/{train,test}.beton and out/meta.json; returns `out`.
+    """Write `dataset` to out/{train,val,test}.beton and out/meta.json; returns `out`.
 
+    val: `val_fraction` of the source's training images, class-stratified (each class gives
+    floor or ceil of val_fraction times its count) and drawn with `val_seed`; train: the rest.
     image_format "auto" stores images of at most 64 px raw (exact) and larger or variable-size
     ones as JPEG (longest side <= max_side, quality jpeg_quality).
     """
     if image_format not in IMAGE_FORMATS:
         raise DataError(f"image_format {image_format!r} is not one of {', '.join(IMAGE_FORMATS)}.")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction {val_fraction!r} must be in (0, 1): the validation split "
+                        f"is what training selects on, so it cannot be empty.")
+    if val_seed < 0:
+        raise DataError(f"val_seed {val_seed!r} must be >= 0.")
     source = load_source(dataset, root, **source_kwargs)  # fails before anything is written
+    val_indices, train_indices = stratified_indices(source.train.labels, val_fraction, val_seed)
+    if len(val_indices) == 0 or len(train_indices) == 0:
+        raise DataError(f"val_fraction {val_fraction} of {len(source.train)} training images "
+                        f"leaves an empty split; choose a fraction that keeps both non-empty.")
+    splits = {"train": subset(source.train, train_indices),
+              "val": subset(source.train, val_indices), "test": source.test}
     height, width = source.image_size
     if height != width:
         raise DataError(f"{dataset} images are {width}x{height}; raymoll needs square images "
@@ -145,7 +165,7 @@ def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
     try:
         files, counts = {}, {}
         for split in SPLITS:
-            data = getattr(source, split)
+            data = splits[split]
             _say(progress, f"{dataset} {split}: writing {len(data)} images ({write_mode}) "
                            f"to {out / (split + '.beton')}")
             _write_split(data, temporary[split], layout)
@@ -156,10 +176,12 @@ def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
                             "ends_sha256": _sha256(temporary[split], ends_only=True)}
             counts[split] = len(data)
         _say(progress, f"{dataset}: computing channel mean/std of the train split")
-        mean, std = channel_stats(source.train)
+        mean, std = channel_stats(splits["train"])
         meta = {"dataset": dataset, "num_classes": len(source.class_names),
                 "class_names": source.class_names, "image_size": [height, width],
                 "variable_size": native is None, "mean": mean, "std": std, "counts": counts,
+                "val": {"fraction": val_fraction, "seed": val_seed,
+                        "source_indices": val_indices.tolist()},
                 "fields": layout, "files": files, "raymoll_version": __version__}
         # From here on the folder must not look finished until the new meta.json is in place.
         (out / "meta.json").unlink(missing_ok=True)
@@ -171,8 +193,8 @@ def prepare(dataset: str, out: str | Path, root: str | Path | None = None,
     finally:
         for path in temporary.values():
             path.unlink(missing_ok=True)
-    _say(progress, f"{dataset}: done, {counts['train']} train / {counts['test']} test images "
-                   f"in {out}")
+    _say(progress, f"{dataset}: done, {counts['train']} train / {counts['val']} val / "
+                   f"{counts['test']} test images in {out}")
     return out
 
 
@@ -197,7 +219,7 @@ def _check_file(path: Path, info: dict, count: int) -> None:
 
 
 META_KEYS = ("dataset", "num_classes", "class_names", "image_size", "variable_size", "mean",
-             "std", "counts", "fields", "files")
+             "std", "counts", "val", "fields", "files")
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -215,6 +237,12 @@ def read_meta(data_dir: str | Path) -> dict:
         missing = [key for key in META_KEYS if key not in meta]
     except (json.JSONDecodeError, TypeError) as err:
         raise DataError(f"{meta_path} is not valid JSON ({err}); {hint}.") from None
+    if "val" in missing and "counts" not in missing and "val" not in meta["counts"]:
+        dataset = meta.get("dataset", "NAME")
+        raise DataError(f"{data_dir} was prepared before raymoll held out a validation split "
+                        f"(it has no val.beton): training would select on the test split. "
+                        f"Re-prepare it with `raymoll prepare --dataset {dataset} --out "
+                        f"{data_dir}` (--val-fraction, --val-seed choose the split).")
     if missing:
         raise DataError(f"{meta_path} lacks {', '.join(missing)}: written by another tool or "
                         f"version; {hint}.")

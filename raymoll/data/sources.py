@@ -28,6 +28,7 @@ class DataError(RaymollError):
 
 class Split(Protocol):
     image_size: tuple[int, int] | None  # (H, W) when every image has it, else None
+    labels: Sequence[int]  # label of every sample, without decoding the images
 
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]: ...
@@ -88,6 +89,7 @@ class SyntheticSplit:
         self.count, self.templates, self.seed, self.split_id = count, templates, seed, split_id
         self.noise = noise
         self.image_size = tuple(templates.shape[1:3])
+        self.labels = np.arange(count) % len(templates)
 
     def __len__(self) -> int:
         return self.count
@@ -99,6 +101,54 @@ class SyntheticSplit:
         rng = np.random.default_rng([self.seed, self.split_id, i])
         image = self.templates[label] + rng.normal(0.0, self.noise, self.templates.shape[1:])
         return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+class SubsetSplit:
+    """The samples `indices` (int64 (M,), into `split`) of a split, in that order."""
+
+    def __init__(self, split: Split, indices: np.ndarray):
+        self.split, self.indices = split, np.asarray(indices, dtype=np.int64)
+        self.image_size = split.image_size
+        self.labels = np.asarray(split.labels, dtype=np.int64)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.split[int(self.indices[i])]
+
+
+def subset(split: Split, indices: np.ndarray) -> Split:
+    """The samples `indices` of `split`: an ArraySplit of an ArraySplit (in memory, so the
+    channel statistics stay exact), else a SubsetSplit view."""
+    if isinstance(split, ArraySplit):
+        return ArraySplit(split.images[indices], split.labels[indices])
+    return SubsetSplit(split, indices)
+
+
+def stratified_indices(labels: Sequence[int], fraction: float,
+                       seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample indices into (held_out, rest), both sorted int64, class-stratified.
+
+    Class c with n_c samples gives floor or ceil of fraction * n_c samples to held_out (largest
+    remainders get the ceil, ties broken at random, so held_out has round(fraction * N)
+    samples in all), drawn uniformly with numpy's generator seeded by `seed`: the same seed
+    gives the same split.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = fraction * counts
+    take = np.floor(exact).astype(np.int64)
+    extra = int(round(fraction * len(labels))) - int(take.sum())
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(classes))  # ties in the remainder are broken at random
+    ranked = order[np.argsort(-(exact - take)[order], kind="stable")]
+    take[ranked[:max(extra, 0)]] += 1
+    held_out = [rng.choice(np.flatnonzero(labels == c), k, replace=False)
+                for c, k in zip(classes, take)]
+    held_out = np.sort(np.concatenate(held_out)) if held_out else np.zeros(0, np.int64)
+    rest = np.setdiff1d(np.arange(len(labels)), held_out)
+    return held_out.astype(np.int64), rest.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,19 @@
 """The per-worker training loop that Ray Train runs on every DDP rank.
 
-One step, end to end:  FFCV batch on this rank's device, augmented per sample and normalised
-inside the loader's pipeline -> MixUp/CutMix (optional) -> Mollifier (noise / blur + coupled
-label smoothing) -> model (bf16 autocast on CUDA) -> soft-label cross-entropy -> SGD.
-After every epoch the rank-sharded evaluation on the clean test set and on the 4 held-out
-validation corruptions is all-reduced, and rank 0 reports the metrics with a checkpoint.
+One step, end to end:  FFCV batch on this rank's device, augmented per sample (data.augment, in
+order) and normalised inside the loader's pipeline -> MixUp/CutMix (optional) -> plain label
+smoothing (optim.label_smoothing) -> Mollifier (noise / blur + coupled label smoothing) ->
+model (bf16 autocast on CUDA) -> soft-label cross-entropy -> SGD.
+After every epoch the rank-sharded evaluation on the validation split (val.beton, carved from
+the training data by `raymoll prepare`), clean (clean_*) and under the 4 validation corruptions
+(val_*), is all-reduced, and rank 0 reports the metrics with a checkpoint. The test split is
+never opened here: it is for `raymoll evaluate` alone.
+
+Exact resume: every random stream of a rank (STREAMS: augmentation, MixUp/CutMix,
+mollification) is reseeded at the start of every epoch from (run.seed, rank, epoch, stream),
+and FFCV's data order is a function of (run.seed, epoch); so the epoch a checkpoint records
+restores every stream exactly, and a run resumed after a failure repeats the uninterrupted
+run's draws bit for bit.
 """
 from __future__ import annotations
 
@@ -13,8 +22,8 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -25,13 +34,15 @@ from torch import nn
 from raymoll.checkpoint import load_checkpoint, save_checkpoint
 from raymoll.config import Config, from_dict, to_dict
 from raymoll.corruptions import VALIDATION_CORRUPTIONS, corrupt
-from raymoll.data import BatchAugment, batch_mix, load_split, make_loader, normalizer, read_meta
+from raymoll.data import (BatchAugment, BatchMix, batch_mix, load_split, make_loader,
+                          normalizer, read_meta)
 from raymoll.inference import autocast, score
-from raymoll.metrics import MetricAccumulator
 from raymoll.models import build_model
 from raymoll.mollify import Mollifier
 
 NAN_CHECK_EVERY = 50  # steps between host reads of the non-finite-loss flag (one sync each)
+STREAMS = ("augment", "mix", "mollify")  # a rank's random streams, reseeded every epoch
+FAULT_DRILL_ENV = "RAYMOLL_FAULT_DRILL"  # "epoch:step:kind", see FaultDrill
 DRILL_GRACE_SECONDS = 5.0
 
 
@@ -46,43 +57,100 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def fail_once(loss: torch.Tensor, kind: str, run_folder: str) -> torch.Tensor:
-    """The fault-tolerance drill (run.fault_*), once per run folder: "exit" ends this process
-    abruptly, as a lost node would; "nan" returns a NaN loss."""
-    marker = os.path.join(run_folder, "fault_drill_done")
-    if os.path.exists(marker):
-        return loss
-    open(marker, "w").close()
-    if kind == "nan":
-        return loss * float("nan")
-    # Ray Train's controller collects reports by polling every 2 s: let it take the last one, so
-    # the drill is a node lost mid-epoch, not one lost together with its newest checkpoint.
-    time.sleep(DRILL_GRACE_SECONDS)
-    print("[raymoll] fault drill: worker exits now", flush=True)
-    os._exit(1)
+def stream_seed(seed: int, rank: int, epoch: int, stream: str) -> int:
+    """The 63-bit seed of one random stream (one of STREAMS) of `rank` in `epoch` (0-based)."""
+    state = np.random.SeedSequence([seed, rank, epoch, STREAMS.index(stream)]).generate_state(
+        1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def make_streams(device: torch.device) -> dict[str, torch.Generator]:
+    """One generator per stream: MixUp/CutMix draws a few scalars per batch on the CPU (no
+    device sync), augmentation and mollification draw on `device`."""
+    return {name: torch.Generator(device="cpu" if name == "mix" else device)
+            for name in STREAMS}
+
+
+@dataclass
+class FaultDrill:
+    """The fault-tolerance drill, read from the environment (RAYMOLL_FAULT_DRILL =
+    "epoch:step:kind", 1-based epoch and step), never part of a Config: rank 0 fails once per
+    run folder at that step. kind "exit" ends the process abruptly before the step, as a lost
+    node would; "nan" feeds the step a NaN batch (a NaN loss). The driver forwards the variable
+    to the workers (train.trainer.build_trainer)."""
+    epoch: int
+    step: int
+    kind: str
+
+    @classmethod
+    def from_env(cls) -> "FaultDrill | None":
+        text = os.environ.get(FAULT_DRILL_ENV)
+        if not text:
+            return None
+        try:
+            epoch, step, kind = text.split(":")
+            drill = cls(int(epoch), int(step), kind)
+        except ValueError:
+            drill = None
+        if drill is None or drill.kind not in ("exit", "nan") or min(drill.epoch, drill.step) < 1:
+            raise ValueError(f"{FAULT_DRILL_ENV}={text!r} must look like epoch:step:kind with "
+                             f"epoch, step >= 1 and kind exit or nan, e.g. 2:25:exit.")
+        return drill
+
+    def wrap(self, loader, epoch: int, run_folder: str):
+        """`loader` for `epoch` (0-based), failing at the drill's step when it is due."""
+        marker = os.path.join(run_folder, "fault_drill_done")
+        if epoch + 1 != self.epoch or os.path.exists(marker):
+            return loader
+        return _FailingLoader(loader, self, marker)
+
+
+class _FailingLoader:
+    def __init__(self, loader, drill: FaultDrill, marker: str):
+        self.loader, self.drill, self.marker = loader, drill, marker
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for step, (x, y) in enumerate(self.loader):
+            if step + 1 == self.drill.step:
+                open(self.marker, "w").close()
+                if self.drill.kind == "nan":
+                    x = x * float("nan")
+                else:
+                    # Ray Train's controller collects reports by polling every 2 s: let it take
+                    # the last one, so the drill is a node lost mid-epoch, not one lost together
+                    # with its newest checkpoint.
+                    time.sleep(DRILL_GRACE_SECONDS)
+                    print("[raymoll] fault drill: worker exits now", flush=True)
+                    os._exit(1)
+            yield x, y
 
 
 def validation_sets(cfg: Config, data_dir: str, rank: int, world: int) -> dict:
-    """This rank's share of the fixed validation subset: clean and the 4 validation corruptions
-    at `eval.val_severity`, made once with a fixed seed (identical on every rank)."""
-    images, labels = load_split(data_dir, "test", subset=cfg.eval.val_subset)
+    """This rank's share of the validation split (its first eval.val_subset images; never the
+    test split): the clean images under "clean", and the 4 validation corruptions at
+    `eval.val_severity`, made once with a fixed seed (identical on every rank)."""
+    images, labels = load_split(data_dir, "val", subset=cfg.eval.val_subset)
     generator = torch.Generator().manual_seed(cfg.eval.seed)
-    sets = {name: corrupt(images, name, cfg.eval.val_severity, generator=generator)
-            for name in VALIDATION_CORRUPTIONS}
+    sets = {"clean": images} | {name: corrupt(images, name, cfg.eval.val_severity,
+                                              generator=generator)
+                                for name in VALIDATION_CORRUPTIONS}
     return {name: (x[rank::world], labels[rank::world]) for name, x in sets.items()}
 
 
-def evaluate_epoch(model, test_loader, val_sets, normalize, cfg: Config) -> dict[str, float]:
-    """Clean test metrics and mean validation-corruption metrics, all-reduced over ranks."""
-    clean = MetricAccumulator()
-    for images, labels in test_loader:
-        score(model, images, labels, normalize, cfg.data.eval_batch_size, cfg.optim.bf16, clean)
-    metrics = {f"clean_{k}": v for k, v in clean.all_reduce_().compute().items()}
-    per_corruption = [score(model, x, y, normalize, cfg.data.eval_batch_size,
-                            cfg.optim.bf16).all_reduce_().compute() for x, y in val_sets.values()]
+def evaluate_epoch(model, val_sets, normalize, cfg: Config) -> dict[str, float]:
+    """Metrics on the validation split, all-reduced over ranks: clean_* on its clean images,
+    val_* the mean over the 4 validation corruptions, val_score the selection score."""
+    scored = {name: score(model, x, y, normalize, cfg.data.eval_batch_size,
+                          cfg.optim.bf16).all_reduce_().compute()
+              for name, (x, y) in val_sets.items()}
+    metrics = {f"clean_{k}": v for k, v in scored.pop("clean").items()}
+    per_corruption = list(scored.values())
     for key in ("accuracy", "nll", "ece"):
         metrics[f"val_{key}"] = sum(m[key] for m in per_corruption) / len(per_corruption)
-    for name, m in zip(val_sets, per_corruption):
+    for name, m in scored.items():
         metrics[f"val_{name}_accuracy"] = m["accuracy"]
     metrics["val_score"] = sum(w * metrics[k] for k, w in cfg.tune.objective.items())
     return metrics
@@ -90,19 +158,28 @@ def evaluate_epoch(model, test_loader, val_sets, normalize, cfg: Config) -> dict
 
 @dataclass
 class Trainee:
-    """What one rank trains and checkpoints."""
+    """What one rank trains and checkpoints, and the random streams it draws from."""
     model: nn.Module            # what the step calls: DDP-wrapped and/or compiled
     bare_model: nn.Module       # the plain module: its state dict is the checkpoint's
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     mollifier: Mollifier
-    generator: torch.Generator  # this rank's mollification randomness
+    mix: BatchMix | None        # MixUp/CutMix, or None
+    label_smoothing: float      # optim.label_smoothing
+    streams: dict[str, torch.Generator]  # STREAMS -> generator (the loader's augment uses one)
+
+    def reseed(self, seed: int, rank: int, epoch: int) -> None:
+        """Reseed every stream for `epoch` (0-based): the scheme that makes resume exact."""
+        for name, generator in self.streams.items():
+            generator.manual_seed(stream_seed(seed, rank, epoch, name))
 
 
 def build_trainee(cfg: Config, meta: dict, device: torch.device, rank: int,
-                  steps_per_epoch: int, in_ray_train: bool = True) -> Trainee:
+                  steps_per_epoch: int, in_ray_train: bool = True,
+                  streams: dict[str, torch.Generator] | None = None) -> Trainee:
     """Model (on `device`; DDP-wrapped by Ray Train when distributed), SGD, the per-step LR
-    schedule, the mollifier and this rank's generator, all seeded from run.seed.
+    schedule, MixUp/CutMix and the mollifier, seeded from run.seed; `streams` (make_streams;
+    new ones when None) are this rank's generators, seeded for epoch 0.
     in_ray_train=False builds the same outside a Ray Train worker (benchmarks)."""
     num_classes, image_size = meta["num_classes"], meta["image_size"][0]  # square: read_meta checks
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
@@ -121,34 +198,52 @@ def build_trainee(cfg: Config, meta: dict, device: torch.device, rank: int,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total, warmup))
     mollifier = Mollifier(cfg.mollify, image_size=image_size, num_classes=num_classes).to(device)
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + rank)
-    return Trainee(model, bare_model, optimizer, scheduler, mollifier, generator)
+    streams = streams if streams is not None else make_streams(device)
+    mix = batch_mix(num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, streams["mix"])
+    trainee = Trainee(model, bare_model, optimizer, scheduler, mollifier, mix,
+                      cfg.optim.label_smoothing, streams)
+    trainee.reseed(cfg.run.seed, rank, 0)
+    return trainee
 
 
-def restore(trainee: Trainee, folder: str, rank: int) -> int:
-    """Load a checkpoint folder into `trainee`; returns the number of epochs it completed."""
+def restore(trainee: Trainee, folder: str) -> int:
+    """Load a checkpoint folder into `trainee`; returns the number of epochs it completed (the
+    random streams follow from it: Trainee.reseed at the start of the next epoch)."""
     state = load_checkpoint(folder)
     trainee.bare_model.load_state_dict(state["model"])
     trainee.optimizer.load_state_dict(state["optimizer"])
     trainee.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    streams = state["rng"]["mollify"]
-    trainee.generator.set_state(streams[rank % len(streams)])
     return state["epoch"]
 
 
-def train_step(t: Trainee, x: torch.Tensor, y: torch.Tensor, mix=None, bf16: bool = True,
-               drill=None) -> torch.Tensor:
+def smooth_labels(y: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:
+    """Plain label smoothing: (1 - eps) y + eps / K, y int64 (N,) (as one-hot) or soft (N,K);
+    returns float32 (N,K). eps = 0 returns y unchanged."""
+    if eps == 0:
+        return y
+    y = F.one_hot(y, num_classes).float() if y.ndim == 1 else y.float()
+    return (1 - eps) * y + eps / num_classes
+
+
+def training_batch(t: Trainee, x: torch.Tensor,
+                   y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and soft targets float32 (N,K) of one step: MixUp/CutMix, then plain label
+    smoothing eps, then the mollifier's smoothing gamma (per sample). Both smoothings are
+    affine maps towards the uniform 1/K and commute, so a target ends as
+    (1 - eps)(1 - gamma) y + (1 - (1 - eps)(1 - gamma)) / K."""
+    if t.mix is not None:
+        x, y = t.mix(x, y)
+    y = smooth_labels(y, t.mollifier.num_classes, t.label_smoothing)
+    return t.mollifier(x, y, generator=t.streams["mollify"])
+
+
+def train_step(t: Trainee, x: torch.Tensor, y: torch.Tensor, bf16: bool = True) -> torch.Tensor:
     """One SGD step on a batch (x float (N,C,H,W) normalised, y int64 (N,)); returns the loss
-    (a device scalar: reading it would sync). `drill` may replace the loss (run.fault_*)."""
-    if mix is not None:
-        x, y = mix(x, y)
-    x, y = t.mollifier(x, y, generator=t.generator)
+    (a device scalar: reading it would sync)."""
+    x, y = training_batch(t, x, y)
     with autocast(x.device, bf16):
         logits = t.model(x)
     loss = F.cross_entropy(logits.float(), y)
-    if drill is not None:
-        loss = drill(loss)
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     t.optimizer.step()
@@ -156,18 +251,15 @@ def train_step(t: Trainee, x: torch.Tensor, y: torch.Tensor, mix=None, bf16: boo
     return loss
 
 
-def train_one_epoch(t: Trainee, loader, mix, epoch: int, cfg: Config,
-                    fail_at_step: int | None, run_folder: str) -> float:
+def train_one_epoch(t: Trainee, loader, epoch: int, cfg: Config) -> float:
     """One pass over this rank's shard; returns the mean training loss. Raises
     NonFiniteLossError (naming epoch and step) within NAN_CHECK_EVERY steps of a NaN/inf."""
     t.model.train()
-    device = t.generator.device
+    device = t.streams["mollify"].device
     loss_sum = torch.zeros((), device=device)
     first_bad_step = torch.full((), -1, device=device)
     for step, (x, y) in enumerate(loader):
-        drill = (partial(fail_once, kind=cfg.run.fault_kind, run_folder=run_folder)
-                 if step + 1 == fail_at_step else None)
-        loss = train_step(t, x, y, mix, cfg.optim.bf16, drill)
+        loss = train_step(t, x, y, cfg.optim.bf16)
         # Track the loss on the device; read it back only every NAN_CHECK_EVERY steps.
         loss_sum += loss.detach()
         bad = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
@@ -188,36 +280,32 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     meta = read_meta(cfg.data.path)
+    drill = FaultDrill.from_env() if rank == 0 else None
 
+    streams = make_streams(device)
     train_loader = make_loader(cfg.data.path, "train", cfg.data.batch_size, device, train=True,
                                num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                                subset=cfg.data.train_subset, os_cache=cfg.data.os_cache,
-                               augment=BatchAugment(cfg.data.augment))
-    n_test = cfg.data.test_subset or meta["counts"]["test"]
-    test_loader = make_loader(cfg.data.path, "test", cfg.data.eval_batch_size, device,
-                              train=False, num_workers=cfg.data.num_workers, normalize=False,
-                              distributed=False, indices=range(rank, n_test, world),
-                              os_cache=cfg.data.os_cache)
+                               augment=BatchAugment(cfg.data.augment, streams["augment"]))
     normalize = normalizer(meta).to(device)
     val_sets = validation_sets(cfg, cfg.data.path, rank, world)
-    mix = batch_mix(meta["num_classes"], cfg.data.mixup_alpha, cfg.data.cutmix_alpha)  # or None
-    trainee = build_trainee(cfg, meta, device, rank, len(train_loader))
+    trainee = build_trainee(cfg, meta, device, rank, len(train_loader), streams=streams)
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume: the worker group was (re)started after a failure or by Tune
         with checkpoint.as_directory() as folder:
-            start_epoch = restore(trainee, folder, rank)
+            start_epoch = restore(trainee, folder)
         if rank == 0:
             print(f"[raymoll] resumed from the checkpoint after epoch {start_epoch}", flush=True)
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
+        trainee.reseed(cfg.run.seed, rank, epoch)  # before the loader's pipeline thread starts
         train_loader.next_epoch = epoch  # the shuffle order depends on (seed, epoch): resumable
-        drill = rank == 0 and cfg.run.fault_epoch == epoch + 1
-        loss = train_one_epoch(trainee, train_loader, mix, epoch, cfg,
-                               cfg.run.fault_step if drill else None,
-                               ctx.get_storage().experiment_fs_path)
+        loader = train_loader if drill is None else drill.wrap(
+            train_loader, epoch, ctx.get_storage().experiment_fs_path)
+        loss = train_one_epoch(trainee, loader, epoch, cfg)
         # DDP broadcasts BatchNorm running stats from rank 0 only at the start of each forward,
         # so each rank ends the epoch with its own; evaluate everywhere with rank 0's, which
         # are the ones the checkpoint keeps.
@@ -226,24 +314,18 @@ def train_loop_per_worker(config: dict) -> None:
                 dist.broadcast(buffer, src=0)
         metrics = {"epoch": epoch + 1, "train_loss": loss,
                    "lr": trainee.scheduler.get_last_lr()[0]}
-        metrics |= evaluate_epoch(trainee.bare_model, test_loader, val_sets, normalize, cfg)
+        metrics |= evaluate_epoch(trainee.bare_model, val_sets, normalize, cfg)
         metrics["epoch_seconds"] = time.perf_counter() - started
-        report(metrics, trainee, cfg, meta, rank, world)
+        report(metrics, trainee, cfg, meta, rank)
 
 
-def report(metrics: dict, trainee: Trainee, cfg: Config, meta: dict, rank: int,
-           world: int) -> None:
+def report(metrics: dict, trainee: Trainee, cfg: Config, meta: dict, rank: int) -> None:
     """Every rank calls ray.train.report (it is a barrier); rank 0 attaches the checkpoint."""
     if rank == 0:
         print(f"[raymoll] epoch {metrics['epoch']}/{cfg.optim.epochs}  "
-              f"loss {metrics['train_loss']:.4f}  clean acc {metrics['clean_accuracy']:.2%}  "
-              f"ece {metrics['clean_ece']:.4f}  val acc {metrics['val_accuracy']:.2%}  "
-              f"val ece {metrics['val_ece']:.4f}  ({metrics['epoch_seconds']:.1f} s)", flush=True)
-    # Every rank's mollifier generator state, so a resumed run continues each stream.
-    streams = [trainee.generator.get_state()]
-    if world > 1:
-        streams = [None] * world
-        dist.all_gather_object(streams, trainee.generator.get_state())
+              f"loss {metrics['train_loss']:.4f}  val clean acc {metrics['clean_accuracy']:.2%}  "
+              f"ece {metrics['clean_ece']:.4f}  val corrupted acc {metrics['val_accuracy']:.2%}  "
+              f"ece {metrics['val_ece']:.4f}  ({metrics['epoch_seconds']:.1f} s)", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
@@ -251,7 +333,6 @@ def report(metrics: dict, trainee: Trainee, cfg: Config, meta: dict, rank: int,
                 "model": trainee.bare_model.state_dict(),
                 "optimizer": trainee.optimizer.state_dict(),
                 "scheduler": trainee.scheduler.state_dict(), "epoch": metrics["epoch"],
-                "config": to_dict(cfg), "meta": meta, "metrics": metrics,
-                "rng": {"torch": torch.get_rng_state(), "mollify": streams}})
+                "config": to_dict(cfg), "meta": meta, "metrics": metrics})
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)

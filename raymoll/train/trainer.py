@@ -10,9 +10,9 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from raymoll.config import Config, to_dict
-from raymoll.train.loop import train_loop_per_worker
+from raymoll.train.loop import FAULT_DRILL_ENV, train_loop_per_worker
 
-SCORE = "clean_accuracy"  # what "best checkpoint" means
+SCORE = "val_score"  # what "best checkpoint" means: tune.objective on the validation split
 
 
 @dataclass
@@ -43,6 +43,9 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
     """
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)))
     worker = worker_resources(cfg)
+    # The fault drill (tests) is set in the driver's environment: the workers get it too.
+    drill = {FAULT_DRILL_ENV: os.environ[FAULT_DRILL_ENV]} if os.environ.get(FAULT_DRILL_ENV) \
+        else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),
@@ -56,7 +59,8 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
                                                          checkpoint_score_attribute=SCORE,
                                                          checkpoint_score_order="max"),
-            callbacks=callbacks or []),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": drill} if drill else None),
     )
 
 
@@ -78,6 +82,7 @@ def summary(result: TrainResult) -> str:
              f"last checkpoint:  {result.last_checkpoint}",
              f"best checkpoint:  {result.best_checkpoint}  (by {SCORE})"]
     if m:
-        lines.append(f"final epoch {m.get('epoch')}: clean acc {m.get('clean_accuracy', 0):.2%}, "
-                     f"clean ECE {m.get('clean_ece', 0):.4f}, val acc {m.get('val_accuracy', 0):.2%}")
+        lines.append(f"final epoch {m.get('epoch')} (validation split): clean acc "
+                     f"{m.get('clean_accuracy', 0):.2%}, clean ECE {m.get('clean_ece', 0):.4f}, "
+                     f"corrupted acc {m.get('val_accuracy', 0):.2%}")
     return "\n".join(lines)

@@ -6,7 +6,9 @@ stops weak trials at epoch milestones, and a finished search leaves, in the expe
     best.yaml        the best trial's complete config, ready for `raymoll train --config`
     train-<trial>/   each trial's Ray Train run (checkpoints)
 
-The objective is measured on the validation corruptions and the clean test set only.
+The objective (val_score, tune.objective) is measured on the validation split only (val.beton,
+carved from the training data by `raymoll prepare`: clean_* on its clean images, val_* under the
+4 validation corruptions); no trial, ASHA decision or "best" ever reads the test split.
 """
 from __future__ import annotations
 
