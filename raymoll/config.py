@@ -156,7 +156,7 @@ class StudyConfig:
     seeds: list = _field(None, "run.seed of each repetition of every cell (distinct ints)",
                          factory=lambda: [0])
     label_smoothing: float = _field(0.1, "optim.label_smoothing of the label_smoothing method",
-                                    low=0.0, high=1.0)
+                                    low=0.0, high=1.0, high_open=True)
     reference: str = _field("plain", "the method the others are compared with (paired by "
                             "seed and the other axis values)")
     bootstrap: int = _field(10000, "bootstrap resamples of the paired differences", low=100)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from raymoll.cli import main
-from raymoll.config import ConfigError, MollifyConfig, OptimConfig, from_dict, load_config, to_dict
+from raymoll.config import MollifyConfig, load_config, to_dict
 from raymoll.study import StudyError, cell_config, expand
 from raymoll.study.cells import label
 from raymoll.study.report import bootstrap_ci, mean_std, paired_differences
@@ -24,22 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
 
 
-def _has_pipelines() -> bool:
-    try:
-        from_dict({"data": {"augment": ["fcr"]}})
-        return True
-    except ConfigError:
-        return False
-
-
-# The protocol issue's data.augment lists and optim.label_smoothing; tests that need them run
-# once they are in.
-needs_protocol = pytest.mark.skipif(
-    not (_has_pipelines() and hasattr(OptimConfig(), "label_smoothing")),
-    reason="needs data.augment pipelines and optim.label_smoothing")
-AXES = {"data.augment": ["fcr", "trivialaugment"], "method": ["plain", "mollified"]}
-PROTOCOL_AXES = {"data.augment": [["fcr"], ["fcr", "trivialaugment"]],
-                 "method": ["plain", "label_smoothing", "mollified"]}
+AXES = {"data.augment": [["fcr"], ["fcr", "trivialaugment"]],
+        "method": ["plain", "label_smoothing", "mollified"]}
 
 
 def study(**section):
@@ -62,9 +48,7 @@ def check_cells(cfg, smoothing):
         assert label(run.data.augment) == label(cell.values["data.augment"])
         method = cell.values["method"]
         assert run.mollify.enabled == (method == "mollified")
-        if smoothing is not None:
-            assert run.optim.label_smoothing == (smoothing if method == "label_smoothing"
-                                                 else 0.0)
+        assert run.optim.label_smoothing == (smoothing if method == "label_smoothing" else 0.0)
         if method == "mollified":
             assert to_dict(run.mollify) == to_dict(MollifyConfig())
         # everything else is the base config's
@@ -72,12 +56,7 @@ def check_cells(cfg, smoothing):
 
 
 def test_cells_are_the_product_of_axes_and_seeds_with_the_method_presets():
-    check_cells(study(seeds=[0, 1, 5]), None)
-
-
-@needs_protocol
-def test_label_smoothing_method_and_augmentation_pipelines():
-    check_cells(study(axes=PROTOCOL_AXES, label_smoothing=0.2), 0.2)
+    check_cells(study(seeds=[0, 1, 5], label_smoothing=0.2), 0.2)
 
 
 def test_tuned_method_takes_the_mollify_section_of_a_best_yaml(tmp_path):
@@ -91,7 +70,6 @@ def test_tuned_method_takes_the_mollify_section_of_a_best_yaml(tmp_path):
     assert tuned.optim.lr == cfg.optim.lr  # only the mollify section is taken
 
 
-@needs_protocol
 def test_named_axis_sets_several_keys():
     cfg = load_config(CONFIGS / "study_cifar10.yaml")
     cells = expand(cfg)

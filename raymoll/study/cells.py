@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from raymoll.config import Config, ConfigError, MollifyConfig, OptimConfig, from_dict, to_dict
+from raymoll.config import Config, ConfigError, MollifyConfig, from_dict, to_dict
 from raymoll.tune.space import apply_point
 
 METHOD = "method"
@@ -88,14 +88,8 @@ def method_point(method: str, label_smoothing: float) -> dict[str, Any]:
     else:
         raise StudyError(f"study.axes['method'] value {method!r} is not a method: choose "
                          f"{', '.join(METHODS)} or tuned:PATH (a best.yaml of raymoll tune).")
-    point = {f"mollify.{k}": v for k, v in mollify.items()}
-    if not hasattr(OptimConfig(), "label_smoothing"):  # a raymoll without plain label smoothing
-        if method == "label_smoothing":
-            raise StudyError("study.axes['method'] value 'label_smoothing' needs the config key "
-                             "optim.label_smoothing, which this raymoll does not have.")
-        return point
-    return point | {"optim.label_smoothing": label_smoothing if method == "label_smoothing"
-                    else 0.0}
+    smoothing = label_smoothing if method == "label_smoothing" else 0.0
+    return {**{f"mollify.{k}": v for k, v in mollify.items()}, "optim.label_smoothing": smoothing}
 
 
 def _tuned_mollify(path: str) -> dict[str, Any]:
@@ -169,8 +163,6 @@ def expand(cfg: Config) -> list[Cell]:
     if len(set(s.seeds)) != len(s.seeds):
         raise StudyError(f"study.seeds repeats a seed: {s.seeds!r}; each seed is one "
                          f"repetition of every cell.")
-    if s.label_smoothing >= 1.0:
-        raise StudyError(f"study.label_smoothing = {s.label_smoothing!r} must be < 1.")
 
     presets = {m: method_point(m, s.label_smoothing) for m in methods}
     keys = [METHOD] + [k for k in s.axes if k != METHOD]

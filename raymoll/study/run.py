@@ -97,26 +97,28 @@ def _trained(cfg: Config, grid, path: str) -> dict[str, dict[str, Any]]:
 
 
 def _evaluate_one(checkpoint: str, data: str, subset: int, name: str,
-                  device: str | None) -> tuple[bytes, float, float]:
-    """Ray task: the results table of one cell's checkpoint as Parquet bytes, and when it ran
-    (Unix seconds). Today's `raymoll.evaluate.evaluate`; with GPUs on the cluster it fans the
-    sets out further."""
-    from raymoll.evaluate import evaluate
+                  device: str) -> tuple[bytes, float, float]:
+    """Ray task: the results table (raw and temperature-scaled) of one cell's checkpoint as
+    Parquet bytes, and when it ran (Unix seconds). The cells are the fan-out: each task scores
+    its 96 sets with the local runner on its own device share."""
+    from raymoll.evaluation import evaluate
     started = time.time()
     with ray.train.Checkpoint(checkpoint).as_directory() as folder, \
             tempfile.TemporaryDirectory() as tmp:
         out = evaluate(folder, data, out=os.path.join(tmp, f"{name}.parquet"), run=name,
-                       subset=subset, device=device)
+                       subset=subset, device=device, runner="local")
         return out.read_bytes(), started, time.time()
 
 
 def evaluate_cells(cfg: Config, todo: dict[str, str], folder: str) -> list[tuple[float, float]]:
-    """Evaluate each cell's checkpoint (`todo`: name -> checkpoint) as a Ray task, writing
-    `folder`/<name>.parquet as each finishes; returns the (start, end) times of the tasks."""
+    """Evaluate each cell's checkpoint (`todo`: name -> checkpoint) as a Ray task, as many at
+    once as the cluster holds, writing `folder`/<name>.parquet as each finishes; returns the
+    (start, end) times of the tasks."""
+    from raymoll.evaluation.runners import GPU_SHARE
     fs, where = pyarrow.fs.FileSystem.from_uri(folder)
     fs.create_dir(where, recursive=True)
-    task = ray.remote(num_cpus=1)(_evaluate_one)
-    device = None if cfg.run.use_gpu else "cpu"  # GPU cells: evaluate fans sets over the GPUs
+    task = ray.remote(num_cpus=1, num_gpus=GPU_SHARE if cfg.run.use_gpu else 0)(_evaluate_one)
+    device = "cuda" if cfg.run.use_gpu else "cpu"
     pending = {task.remote(checkpoint, cfg.data.path, cfg.study.eval_subset, name, device): name
                for name, checkpoint in todo.items()}
     spans = []
