@@ -12,7 +12,7 @@ import sys
 from raymoll.config import Config, help_text, load_config
 from raymoll.errors import RaymollError
 from raymoll.io import check_writable_folder
-from raymoll.preflight import check_train, check_tune
+from raymoll.preflight import check_study, check_train, check_tune
 
 
 class TrainingFailed(RaymollError):
@@ -77,6 +77,16 @@ def _tune(args: argparse.Namespace) -> None:
     run_search(cfg, resume=args.resume)
 
 
+def _study(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    check_study(cfg, resume=args.resume)  # every cell, the data, the storage: before Ray
+    _check_data_files(cfg)
+    from raymoll.study import run_study
+    from raymoll.runtime import init_ray
+    init_ray()
+    run_study(cfg, resume=args.resume)
+
+
 def _report(args: argparse.Namespace) -> None:
     check_writable_folder(args.out)  # before matplotlib loads
     from raymoll.report import report
@@ -126,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
 
     for name, func, text in (("train", _train, "train with Ray Train (DDP workers)"),
-                             ("tune", _tune, "search mollification settings with Ray Tune")):
+                             ("tune", _tune, "search mollification settings with Ray Tune"),
+                             ("study", _study, "a grid of methods x axes x seeds as one Ray Tune "
+                              "experiment, evaluated and reported with confidence intervals")):
         p = verbs.add_parser(name, help=text, epilog="config keys:\n  " + "\n  ".join(help_text()),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML config (see jobs/configs/); keys not given take "
@@ -134,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override config keys, e.g. optim.epochs=2 mollify.enabled=false")
         p.set_defaults(func=func)
-        if name == "tune":
+        if name in ("tune", "study"):
             p.add_argument("--resume", action="store_true",
-                           help="continue the interrupted search of this config")
+                           help=f"continue the interrupted {'search' if name == 'tune' else name}"
+                           " of this config (finished trials or cells are kept)")
         else:
             p.add_argument("--restart", action="store_true",
                            help="start run.name afresh: move its existing folder aside to "
@@ -172,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = verbs.add_parser("report", help="plots + summary.md from results Parquet files")
-    p.add_argument("results", nargs="+", help="Parquet files written by `raymoll evaluate`")
+    p.add_argument("results", nargs="+", help="Parquet files written by `raymoll evaluate`, or "
+                   "one study.parquet of `raymoll study` (the study report)")
     p.add_argument("--out", required=True, help="folder for the PNGs and summary.md")
     p.add_argument("--reliability", choices=("raw", "ts"), default="raw",
                    help="draw the reliability diagrams of the raw or the temperature-scaled "

@@ -147,6 +147,24 @@ class TuneConfig:
 
 
 @dataclass
+class StudyConfig:
+    """A grid of runs for `raymoll study` (checked in full by raymoll.study.cells)."""
+    axes: dict = _field(None, "config key (or `method`) -> list of values; the cells are the "
+                        "product of the axes and the seeds. method values: plain, "
+                        "label_smoothing, mollified, tuned:PATH (a best.yaml of raymoll tune)",
+                        factory=dict)
+    seeds: list = _field(None, "run.seed of each repetition of every cell (distinct ints)",
+                         factory=lambda: [0])
+    label_smoothing: float = _field(0.1, "optim.label_smoothing of the label_smoothing method",
+                                    low=0.0, high=1.0, high_open=True)
+    reference: str = _field("plain", "the method the others are compared with (paired by "
+                            "seed and the other axis values)")
+    bootstrap: int = _field(10000, "bootstrap resamples of the paired differences", low=100)
+    eval_subset: int = _field(0, "score only the first N test images of each of a cell's 96 "
+                              "evaluation sets (0 = all)", low=0)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -155,6 +173,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,6 +111,21 @@ def check_train(cfg: Config) -> dict:
     return meta
 
 
+def check_study(cfg: Config, resume: bool) -> dict:
+    """Everything `raymoll study` can check before Ray: every cell's config (raymoll.study
+    expands and validates them), each against the data, the storage, and --resume."""
+    from raymoll.study import expand
+    from raymoll.tune.space import apply_point, check_objective
+    check_objective(cfg.tune)
+    meta = read_meta_file(cfg.data.path)
+    for cell in expand(cfg):
+        check_run_config(apply_point(cfg, cell.point), meta, where=f"study cell {cell.name}: ")
+    check_storage(cfg)
+    path = os.path.join(cfg.run.storage_path, cfg.run.name)
+    check_search_state(path if is_uri(path) else os.path.abspath(path), resume, "study")
+    return meta
+
+
 def search_exists(path: str) -> bool:
     """Whether a Ray Tune search was started at `path` (what `Tuner.can_restore` tests)."""
     if not is_uri(path):
@@ -120,14 +135,15 @@ def search_exists(path: str) -> bool:
     return fs.get_file_info(f"{where}/{TUNER_STATE}").type != pyarrow.fs.FileType.NotFound
 
 
-def check_search_state(path: str, resume: bool) -> None:
-    """--resume needs a started search at `path`; a new search needs none there."""
+def check_search_state(path: str, resume: bool, what: str = "search") -> None:
+    """--resume needs a started Tune experiment (a `what`: search or study) at `path`; a new one
+    needs none there."""
     exists = search_exists(path)
     if resume and not exists:
-        raise ConfigError(f"--resume: there is no search to continue at {path}; run without "
+        raise ConfigError(f"--resume: there is no {what} to continue at {path}; run without "
                           "--resume to start it.")
     if exists and not resume:
-        raise ConfigError(f"a search already exists at {path}: pass --resume to continue it, "
+        raise ConfigError(f"a {what} already exists at {path}: pass --resume to continue it, "
                           "or choose another run.name.")
 
 

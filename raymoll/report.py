@@ -276,6 +276,9 @@ def report(results: Sequence[str | Path], out: str | Path, reliability: str = "r
                            f"{reliability!r}.")
     files = [str(p) for p in ([results] if isinstance(results, (str, Path)) else results)]
     check_writable_folder(out)
+    from raymoll.study.report import is_study, study_report
+    if len(files) == 1 and is_study(files[0]):  # written by `raymoll study`: its own report
+        return study_report(files[0], out)
     table = read_results(files)
     out = Path(out)
     runs = _by_run(table)

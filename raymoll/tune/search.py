@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import pyarrow as pa
@@ -70,13 +70,14 @@ def trial_dirname(trial) -> str:
     return f"trial-{trial.trial_id}"
 
 
-def _trainable(cfg: Config, path: str):
-    """run_trial bound to the base config; its Train runs go under the experiment folder, and
-    data.path is made absolute because Tune and Train start each process in its own folder."""
+def trainable(cfg: Config, path: str, trial=run_trial):
+    """`trial` (run_trial, or a study's run_cell) bound to the base config; its Train runs go
+    under the experiment folder, and data.path is made absolute because Tune and Train start
+    each process in its own folder."""
     base = to_dict(cfg)
     base["run"]["storage_path"] = path
     base["data"]["path"] = absolute(cfg.data.path)
-    return tune.with_resources(tune.with_parameters(run_trial, base=base),
+    return tune.with_resources(tune.with_parameters(trial, base=base),
                                {"CPU": cfg.tune.trial_cpus})
 
 
@@ -104,7 +105,7 @@ def _new_tuner(cfg: Config, path: str, callbacks: list) -> tune.Tuner:
     scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
                               grace_period=t.grace_period, reduction_factor=t.reduction_factor)
     return tune.Tuner(
-        _trainable(cfg, path),
+        trainable(cfg, path),
         param_space={key: DOMAINS[spec["type"]](spec) for key, spec in t.space.items()},
         tune_config=tune.TuneConfig(metric=t.metric, mode=metric_mode(t.metric),
                                     search_alg=searcher, scheduler=scheduler,
@@ -114,6 +115,18 @@ def _new_tuner(cfg: Config, path: str, callbacks: list) -> tune.Tuner:
                                   callbacks=callbacks))
 
 
+def experiment_tuner(cfg: Config, path: str, resume: bool, what: str,
+                     new: Callable[[], tune.Tuner], trial: Callable = run_trial) -> tune.Tuner:
+    """The Tuner of the experiment at `path`: `new()`, or with `resume` the saved one, whose
+    finished trials stay finished and unfinished ones go on from their checkpoints. Raises
+    ConfigError when `resume` does not match whether the experiment (a `what`) exists."""
+    check_search_state(path, resume, what)
+    if not resume:
+        return new()
+    return tune.Tuner.restore(path, trainable(cfg, path, trial), resume_unfinished=True,
+                              restart_errored=True)
+
+
 def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None) -> SearchResult:
     """Run (or with `resume`, continue) the search of `cfg`; Ray must be initialised.
 
@@ -121,12 +134,8 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     """
     check_space(cfg)
     path = experiment_path(cfg)
-    check_search_state(path, resume)
-    if resume:  # finished trials stay finished; unfinished ones go on from their checkpoints
-        tuner = tune.Tuner.restore(path, _trainable(cfg, path), resume_unfinished=True,
-                                   restart_errored=True)
-    else:
-        tuner = _new_tuner(cfg, path, callbacks or [])
+    tuner = experiment_tuner(cfg, path, resume, "search",
+                             lambda: _new_tuner(cfg, path, callbacks or []))
     grid = tuner.fit()
     # The state a --resume would continue; the ResultGrid cannot tell an interrupted search,
     # whose stopped trials it reports TERMINATED.
