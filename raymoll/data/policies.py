@@ -176,38 +176,71 @@ def _sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return out.clamp_(0, 255).to(torch.uint8)
 
 
+def _geometric(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    return _warp(x, _affine_theta(op, m, *x.shape[-2:]), mode)
+
+
+def _blends(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    """Brightness: a blend with black; Color: with the grey image; Contrast: with its mean."""
+    n = len(x)
+    ratio = torch.where((op == OP["Brightness"]) | (op == OP["Color"]) | (op == OP["Contrast"]),
+                        1.0 + m, 1.0).view(n, 1, 1, 1)
+    grey = _grey(x)
+    degenerate = torch.where((op == OP["Color"]).view(n, 1, 1, 1), grey,
+                             torch.where((op == OP["Contrast"]).view(n, 1, 1, 1),
+                                         grey.mean(dim=(-3, -2, -1), keepdim=True), 0.0))
+    return _blend(x, degenerate, ratio)
+
+
+def _sharpness(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    return _sharpen(x, torch.where(op == OP["Sharpness"], 1.0 + m, 1.0).view(-1, 1, 1, 1))
+
+
+def _posterize_solarize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor,
+                        mode: str) -> torch.Tensor:
+    n = len(x)
+    bits = torch.where(op == OP["Posterize"], m, 8.0).long()
+    x = x & (((1 << bits) - 1) << (8 - bits)).to(torch.uint8).view(n, 1, 1, 1)
+    # Invert is solarize at threshold 0; 256 (no pixel reaches it) leaves a sample unchanged.
+    threshold = torch.where(op == OP["Solarize"], 255.0 * m,
+                            torch.where(op == OP["Invert"], 0.0, 256.0)).float().view(n, 1, 1, 1)
+    return torch.where(x.float() >= threshold, x.bitwise_not(), x)
+
+
+def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    return torch.where((op == OP["AutoContrast"]).view(-1, 1, 1, 1), TF.autocontrast(x), x)
+
+
+def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    return torch.where((op == OP["Equalize"]).view(-1, 1, 1, 1), TF.equalize(x), x)
+
+
+# The chain: (the ops a stage implements, the stage); each leaves the other ops' samples as is.
+_STAGES = ((("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"), _geometric),
+           (("Brightness", "Color", "Contrast"), _blends), (("Sharpness",), _sharpness),
+           (("Posterize", "Solarize", "Invert"), _posterize_solarize),
+           (("AutoContrast",), _autocontrast), (("Equalize",), _equalize))
+
+
 def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor,
               interpolation: str = "nearest") -> torch.Tensor:
     """Apply op[i] (an index into OPS) at magnitude[i] (torchvision's signed magnitude) to x[i].
 
     x: (N,C,H,W) uint8; op: (N,) int64; magnitude: (N,) float64, on x's device. Returns uint8.
+    On the CPU each stage runs only on the rows that drew one of its ops (finding them costs
+    nothing there); on an accelerator it runs on every row, the others at neutral parameters,
+    so no shape depends on the draw and nothing waits for the device.
     """
-    n, _, h, w = x.shape
     m = magnitude.to(torch.float64)
-    x = _warp(x, _affine_theta(op, m, h, w), interpolation)
-
-    def param(name: str, value: torch.Tensor, neutral: float) -> torch.Tensor:
-        return torch.where(op == OP[name], value, neutral).view(n, 1, 1, 1)
-
-    # Brightness is a blend with black; Color with the grey image; Contrast with its mean.
-    blended = (op == OP["Brightness"]) | (op == OP["Color"]) | (op == OP["Contrast"])
-    ratio = torch.where(blended, 1.0 + m, 1.0).view(n, 1, 1, 1)
-    grey = _grey(x)
-    degenerate = torch.where((op == OP["Color"]).view(n, 1, 1, 1), grey,
-                             torch.where((op == OP["Contrast"]).view(n, 1, 1, 1),
-                                         grey.mean(dim=(-3, -2, -1), keepdim=True), 0.0))
-    x = _blend(x, degenerate, ratio)
-    x = _sharpen(x, param("Sharpness", 1.0 + m, 1.0))
-    bits = torch.where(op == OP["Posterize"], m, 8.0).long()
-    mask = ((1 << bits) - 1) << (8 - bits)
-    x = x & mask.to(torch.uint8).view(n, 1, 1, 1)
-    # Invert is solarize at threshold 0; 256 (no pixel reaches it) leaves a sample unchanged.
-    threshold = torch.where(op == OP["Solarize"], 255.0 * m,
-                            torch.where(op == OP["Invert"], 0.0, 256.0)).float().view(n, 1, 1, 1)
-    x = torch.where(x.float() >= threshold, x.bitwise_not(), x)
-    pick = lambda name: (op == OP[name]).view(n, 1, 1, 1)  # noqa: E731
-    x = torch.where(pick("AutoContrast"), TF.autocontrast(x), x)
-    return torch.where(pick("Equalize"), TF.equalize(x), x)
+    for names, stage in _STAGES:
+        if x.device.type != "cpu":
+            x = stage(x, op, m, interpolation)
+            continue
+        rows = torch.isin(op, torch.tensor([OP[name] for name in names])).nonzero().flatten()
+        if len(rows):
+            done = stage(x.index_select(0, rows), op[rows], m[rows], interpolation)
+            x = x.index_copy(0, rows, done)
+    return x
 
 
 def _pick(table: tuple[torch.Tensor, ...], n: int, bins: torch.Tensor,
