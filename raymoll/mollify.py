@@ -342,7 +342,7 @@ class Mollifier(nn.Module):
         x_t = x.index_copy(0, blur_rows, blurred)
         noised = (alpha.index_select(0, noise_rows) * x_t.index_select(0, noise_rows)
                   + sigma.index_select(0, noise_rows) * eps)
-        return self._finish(x, x_t.index_copy(0, noise_rows, noised), y, gamma)
+        return self._finish(x, x_t.index_copy_(0, noise_rows, noised), y, gamma)
 
     def forward(self, x: Tensor, y: Tensor,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
