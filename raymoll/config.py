@@ -102,6 +102,12 @@ class MollifyConfig:
     noise_smoothing_power: float = _field(1.0, "gamma_n = (1 + SNR)^-power", low=0.0,
                                           low_open=True)
     blur_smoothing_power: float = _field(1.0, "gamma_b = t^power", low=0.0, low_open=True)
+    role_sampling: str = _field("stratified", "how a batch's roles are drawn: stratified = exact "
+                                "per-batch counts (expected counts, remainder at random) in a "
+                                "random order, so only the rows that need it are blurred or "
+                                "noised; iid = one independent draw per sample. Both give every "
+                                "sample the same role probabilities; only stratified fixes the "
+                                "per-batch counts", choices=("stratified", "iid"))
 
 
 @dataclass

@@ -3,8 +3,10 @@
 Schedules map a time t in [0, 1] to noise coefficients, a blur width and a label-smoothing
 weight. `heat_blur` solves the heat equation in the DCT domain. `Mollifier` draws a role and a
 time per sample and applies all of it on the device with no host syncs and no data-dependent
-branches: every sample runs through the same ops with its own coefficients, so a batch costs the
-same whatever its roles and the module compiles to one graph.
+branches, so the module compiles to one graph. By default (mollify.role_sampling=stratified) a
+batch's role counts are fixed up to one sample per role and the roles are dealt out in a random
+order, so the blur and the noise run only on fixed-size windows of rows; `Mollifier.apply` is the
+general path, every sample through every op with its own coefficients.
 """
 from __future__ import annotations
 
@@ -221,6 +223,15 @@ class Mollifier(nn.Module):
         # Derived constants, not state: non-persistent buffers follow .to(device) and stay out
         # of checkpoints.
         self.register_buffer("role_bounds", torch.tensor(cumulative), persistent=False)
+        # Stratified roles are dealt in the order blur, both, noise, clean, so that the rows
+        # that are blurred (blur, both) and those that are noised (both, noise) are each one
+        # run of consecutive positions.
+        dealt = [cfg.p_blur, cfg.p_both, cfg.p_noise, cfg.p_clean]
+        self.dealt_bounds = [sum(dealt[:i + 1]) / sum(dealt) for i in range(3)]
+        self.register_buffer("dealt_bounds_t", torch.tensor(self.dealt_bounds, dtype=torch.float64),
+                             persistent=False)
+        self.register_buffer("dealt_roles", torch.tensor([BLUR, BOTH, NOISE, CLEAN]),
+                             persistent=False)
         self.register_buffer("dct", dct, persistent=False)
         self.register_buffer("eigenvalues", eigenvalues, persistent=False)
 
@@ -238,49 +249,115 @@ class Mollifier(nn.Module):
         t = sample_beta(self.cfg.t_alpha, self.cfg.t_beta, n, generator, device)
         return torch.where(role == CLEAN, 0.0, t), role
 
-    def apply(self, x: Tensor, y: Tensor, t: Tensor, role: Tensor,
-              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Mollify x (N, C, S, S) float and smooth y (N,) int or (N, K) soft, given t and role.
+    def windows(self, n: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The positions [start, end) of the dealt order holding every blurred row and every
+        noised row of a stratified batch of n: fixed by n (see sample_stratified)."""
+        b1, b2, b3 = (n * b for b in self.dealt_bounds)
+        # Position i holds the role whose run contains i + u, u ~ U[0, 1): a run [lo, hi)
+        # can only fill positions floor(lo) .. ceil(hi) - 1.
+        return (0, min(n, math.ceil(b2))), (min(n, math.floor(b1)), min(n, math.ceil(b3)))
 
-        t (N,) in [0, 1] and role (N,) int are not range-checked (that would sync the host).
-        Returns x_t, x's shape and dtype, and y_t float32 (N, K) with rows summing to 1.
+    def sample_stratified(self, n: int, device: torch.device | str,
+                          generator: torch.Generator | None = None
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Stratified roles: returns (t, role, blur_rows, noise_rows).
+
+        Systematic sampling deals the roles to n positions: position i gets the role whose
+        share of [0, n) (in the order blur, both, noise, clean) contains i + u, one u ~ U[0, 1)
+        per batch, so role r gets floor or ceil of n p_r positions, n p_r on average. A random
+        permutation then maps positions to samples: each sample has role r with probability
+        exactly p_r, as with iid draws, but the batch's counts no longer vary. blur_rows and
+        noise_rows (int64, lengths fixed by n) are the samples at the `windows` positions: a
+        superset of the blurred and the noised samples (the others there get no-op
+        coefficients).
         """
-        self._check_batch(x)
-        n = x.shape[0]
-        y = _soft_labels(y, n, self.num_classes)
-        if t.shape != (n,) or role.shape != (n,):
-            raise ValueError(f"t and role must have shape ({n},), got {tuple(t.shape)} and "
-                             f"{tuple(role.shape)}.")
+        u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+        position = torch.arange(n, device=device, dtype=torch.float64) + u
+        dealt = (position[:, None] >= self.dealt_bounds_t.to(device) * n).sum(dim=1)
+        order = torch.randperm(n, generator=generator, device=device)
+        role = torch.empty(n, dtype=torch.int64, device=device)
+        role[order] = self.dealt_roles.to(device)[dealt]
+        t = sample_beta(self.cfg.t_alpha, self.cfg.t_beta, n, generator, device)
+        (b0, b1), (n0, n1) = self.windows(n)
+        return torch.where(role == CLEAN, 0.0, t), role, order[b0:b1], order[n0:n1]
+
+    def _coefficients(self, t: Tensor, role: Tensor, dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per sample: blur time tau (N,), noise alpha and sigma (N,1,1,1) of `dtype`, and the
+        label-smoothing weight gamma (N,1); no-op values where the role does not ask."""
         c = self.cfg
         noised = (role & NOISE) != 0
         blurred = (role & BLUR) != 0
-        # Every sample runs every op; the roles only pick coefficients that make an op a no-op.
         tau = torch.where(blurred, blur_sigma(t, c.sigma_min, self.sigma_max,
                                               c.blur_schedule) ** 2 / 2, 0.0)
         alpha_t, sigma_t = noise_coefficients(t, c.noise_schedule, c.noise_shape)
-        alpha = torch.where(noised, alpha_t, 1.0)[:, None, None, None].to(x.dtype)
-        sigma = torch.where(noised, sigma_t, 0.0)[:, None, None, None].to(x.dtype)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_t = alpha * _blur(x, tau, self.dct, self.eigenvalues) + sigma * eps
+        alpha = torch.where(noised, alpha_t, 1.0)[:, None, None, None].to(dtype)
+        sigma = torch.where(noised, sigma_t, 0.0)[:, None, None, None].to(dtype)
+        # noise_smoothing(t), reusing sigma_t: on a GPU each small op is a kernel launch.
+        gamma_n = torch.where(noised, sigma_t ** (2 * c.noise_smoothing_power), 0.0)
+        gamma_b = torch.where(blurred, blur_smoothing(t, c.blur_smoothing_power), 0.0)
+        return tau, alpha, sigma, (1 - (1 - gamma_b) * (1 - gamma_n))[:, None]
+
+    def _checked(self, x: Tensor, y: Tensor, t: Tensor, role: Tensor) -> Tensor:
+        self._check_batch(x)
+        n = x.shape[0]
+        if t.shape != (n,) or role.shape != (n,):
+            raise ValueError(f"t and role must have shape ({n},), got {tuple(t.shape)} and "
+                             f"{tuple(role.shape)}.")
+        return _soft_labels(y, n, self.num_classes)
+
+    def _finish(self, x: Tensor, x_t: Tensor, y: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
         if x.is_contiguous(memory_format=torch.channels_last):
             # The blur's matrix products return NCHW; give the model back the layout it was fed
             # (channels_last convolutions are faster, on GPUs and on the CPU alike).
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-
-        # noise_smoothing(t), reusing sigma_t: on a GPU each small op is a kernel launch.
-        gamma_n = torch.where(noised, sigma_t ** (2 * c.noise_smoothing_power), 0.0)
-        gamma_b = torch.where(blurred, blur_smoothing(t, c.blur_smoothing_power), 0.0)
-        gamma = (1 - (1 - gamma_b) * (1 - gamma_n))[:, None]
         return x_t, (1 - gamma) * y + gamma / self.num_classes
+
+    def apply(self, x: Tensor, y: Tensor, t: Tensor, role: Tensor,
+              generator: torch.Generator | None = None,
+              eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mollify x (N, C, S, S) float and smooth y (N,) int or (N, K) soft, given t and role.
+
+        t (N,) in [0, 1] and role (N,) int are not range-checked (that would sync the host).
+        eps: the noise (x's shape), drawn from `generator` when None. Every sample runs every
+        op; the roles only pick coefficients that make an op a no-op. Returns x_t, x's shape
+        and dtype, and y_t float32 (N, K) with rows summing to 1.
+        """
+        y = self._checked(x, y, t, role)
+        tau, alpha, sigma, gamma = self._coefficients(t, role, x.dtype)
+        if eps is None:
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_t = alpha * _blur(x, tau, self.dct, self.eigenvalues) + sigma * eps
+        return self._finish(x, x_t, y, gamma)
+
+    def apply_rows(self, x: Tensor, y: Tensor, t: Tensor, role: Tensor, blur_rows: Tensor,
+                   noise_rows: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """`apply` that blurs only x[blur_rows] and noises only x[noise_rows] with eps
+        (len(noise_rows), C, S, S): the same result as apply(..., eps=E) where E holds eps at
+        noise_rows, provided the rows include every blurred and every noised sample."""
+        y = self._checked(x, y, t, role)
+        tau, alpha, sigma, gamma = self._coefficients(t, role, x.dtype)
+        blurred = _blur(x.index_select(0, blur_rows), tau.index_select(0, blur_rows),
+                        self.dct, self.eigenvalues)
+        x_t = x.index_copy(0, blur_rows, blurred)
+        noised = (alpha.index_select(0, noise_rows) * x_t.index_select(0, noise_rows)
+                  + sigma.index_select(0, noise_rows) * eps)
+        return self._finish(x, x_t.index_copy_(0, noise_rows, noised), y, gamma)
 
     def forward(self, x: Tensor, y: Tensor,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Draw roles and times, then `apply`; when disabled returns x and y as (N, K) float32."""
+        """Draw roles and times (as mollify.role_sampling says), then mollify; when disabled
+        returns x and y as (N, K) float32."""
+        self._check_batch(x)
         if not self.cfg.enabled:
-            self._check_batch(x)
             return x, _soft_labels(y, x.shape[0], self.num_classes)
-        t, role = self.sample(x.shape[0], x.device, generator)
-        return self.apply(x, y, t, role, generator)
+        if self.cfg.role_sampling == "iid":
+            t, role = self.sample(x.shape[0], x.device, generator)
+            return self.apply(x, y, t, role, generator)
+        t, role, blur_rows, noise_rows = self.sample_stratified(x.shape[0], x.device, generator)
+        eps = torch.randn((len(noise_rows), *x.shape[1:]), generator=generator,
+                          device=x.device, dtype=x.dtype)
+        return self.apply_rows(x, y, t, role, blur_rows, noise_rows, eps)
 
     def _check_batch(self, x: Tensor) -> None:
         _check_images(x)

@@ -114,12 +114,12 @@ def check_train(cfg: Config) -> dict:
 def check_study(cfg: Config, resume: bool) -> dict:
     """Everything `raymoll study` can check before Ray: every cell's config (raymoll.study
     expands and validates them), each against the data, the storage, and --resume."""
-    from raymoll.study import expand
-    from raymoll.tune.space import apply_point, check_objective
+    from raymoll.study import cell_config, expand
+    from raymoll.tune.space import check_objective
     check_objective(cfg.tune)
     meta = read_meta_file(cfg.data.path)
     for cell in expand(cfg):
-        check_run_config(apply_point(cfg, cell.point), meta, where=f"study cell {cell.name}: ")
+        check_run_config(cell_config(cfg, cell), meta, where=f"study cell {cell.name}: ")
     check_storage(cfg)
     path = os.path.join(cfg.run.storage_path, cfg.run.name)
     check_search_state(path if is_uri(path) else os.path.abspath(path), resume, "study")

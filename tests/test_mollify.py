@@ -180,6 +180,54 @@ def test_role_frequencies_match_probabilities(probs):
     assert (t[role == 0] == 0).all() and (t[role != 0] > 0).all()
 
 
+@pytest.mark.parametrize("probs", [(1 / 3, 1 / 3, 1 / 3, 0.0), (0.1, 0.2, 0.3, 0.4),
+                                   (0.05, 0.0, 0.9, 0.05)])
+@pytest.mark.parametrize("n", [7, 128])
+def test_stratified_roles_have_exact_counts_and_per_sample_marginals(probs, n):
+    """Per batch: each role's count is floor or ceil of n p_r, and the rows windows hold every
+    blurred and noised sample; per sample (over many batches): role r with probability p_r."""
+    m = make_mollifier(p_clean=probs[0], p_noise=probs[1], p_blur=probs[2], p_both=probs[3])
+    g = torch.Generator().manual_seed(0)
+    batches = 1500
+    per_sample = torch.zeros(n, 4)
+    for _ in range(batches):
+        t, role, blur_rows, noise_rows = m.sample_stratified(n, "cpu", g)
+        counts = torch.bincount(role, minlength=4)
+        expected = n * torch.tensor(probs, dtype=torch.float64)
+        assert ((counts >= expected.floor() - 1e-9) & (counts <= expected.ceil() + 1e-9)).all()
+        assert counts.sum() == n
+        for rows, flag in ((blur_rows, 2), (noise_rows, 1)):
+            covered = torch.zeros(n, dtype=torch.bool)
+            covered[rows] = True
+            assert covered[(role & flag) != 0].all()
+        assert (t[role == 0] == 0).all() and (t[role != 0] > 0).all()
+        per_sample[torch.arange(n), role] += 1
+    used = np.array(probs) > 0
+    for i in (0, n - 1):  # a sample's marginal, first and last position
+        counts = per_sample[i].numpy()
+        assert (counts[~used] == 0).all()
+        assert scipy.stats.chisquare(counts[used], batches * np.array(probs)[used]).pvalue > 1e-3
+    total = per_sample.sum(0).numpy()
+    assert np.allclose(total / (n * batches), probs, atol=0.5 / n / batches ** 0.5 + 1e-3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stratified_forward_equals_apply_for_the_same_draw(channels_last):
+    m = make_mollifier(p_clean=0.2, p_noise=0.3, p_blur=0.3, p_both=0.2)
+    x, y = batch(50)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_t, y_t = m(x, y, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    t, role, blur_rows, noise_rows = m.sample_stratified(len(x), "cpu", g)
+    eps_rows = torch.randn((len(noise_rows), *x.shape[1:]), generator=g)
+    eps = torch.zeros_like(x).index_copy(0, noise_rows, eps_rows)
+    x_ref, y_ref = m.apply(x, y, t, role, eps=eps)
+    torch.testing.assert_close(x_t, x_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(y_t, y_ref, rtol=0, atol=0)
+    assert x_t.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 def test_sampled_times_follow_the_configured_beta():
     m = make_mollifier(p_clean=0.0, p_noise=0.5, p_blur=0.5, t_alpha=1.0, t_beta=4.0)
     t, _ = m.sample(20_000, "cpu", torch.Generator().manual_seed(0))
@@ -225,16 +273,21 @@ def test_each_role_applies_its_own_degradation():
     assert torch.allclose(x_t[3], alpha * blurred[3].float() + sigma * eps[3], atol=1e-5)
 
 
-def test_noise_keeps_unit_variance():
-    m = make_mollifier(p_clean=0.0, p_noise=1.0, p_blur=0.0)
+SAMPLING = pytest.mark.parametrize("role_sampling", ["stratified", "iid"])
+
+
+@SAMPLING
+def test_noise_keeps_unit_variance(role_sampling):
+    m = make_mollifier(p_clean=0.0, p_noise=1.0, p_blur=0.0, role_sampling=role_sampling)
     x, y = batch(256)
     x_t, _ = m(x, y, torch.Generator().manual_seed(1))
     assert x_t.var().item() == pytest.approx(1.0, abs=0.02)
     assert not torch.allclose(x_t, x)
 
 
-def test_same_generator_same_output():
-    m = make_mollifier()
+@SAMPLING
+def test_same_generator_same_output(role_sampling):
+    m = make_mollifier(role_sampling=role_sampling)
     x, y = batch(32)
     first = m(x, y, torch.Generator().manual_seed(7))
     second = m(x, y, torch.Generator().manual_seed(7))
@@ -259,15 +312,19 @@ def test_buffers_follow_the_module_and_stay_out_of_checkpoints():
     assert make_mollifier().state_dict() == {}
 
 
-def test_no_graph_breaks():
-    m = make_mollifier(p_both=0.25, p_clean=0.25, p_noise=0.25, p_blur=0.25)
+@SAMPLING
+def test_no_graph_breaks(role_sampling):
+    m = make_mollifier(p_both=0.25, p_clean=0.25, p_noise=0.25, p_blur=0.25,
+                       role_sampling=role_sampling)
     x, y = batch(8)
     explanation = torch._dynamo.explain(m)(x, y)
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_fullgraph_compile_matches_eager():
-    m = make_mollifier(p_both=0.25, p_clean=0.25, p_noise=0.25, p_blur=0.25)
+@SAMPLING
+def test_fullgraph_compile_matches_eager(role_sampling):
+    m = make_mollifier(p_both=0.25, p_clean=0.25, p_noise=0.25, p_blur=0.25,
+                       role_sampling=role_sampling)
     x, y = batch(8)
     compiled = torch.compile(m, fullgraph=True, backend="eager")
     torch.manual_seed(3)
@@ -300,8 +357,9 @@ def test_bad_config_is_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_runs_without_host_syncs():
-    m = make_mollifier().cuda()
+@SAMPLING
+def test_cuda_runs_without_host_syncs(role_sampling):
+    m = make_mollifier(role_sampling=role_sampling).cuda()
     x, y = batch(16)
     x, y = x.cuda(), y.cuda()
     generator = torch.Generator("cuda").manual_seed(0)

@@ -5,8 +5,13 @@ Times forward, soft-label cross-entropy, backward and an SGD step at the paper's
 through the same code path). The two variants alternate in rounds so that load from other
 processes hits both alike; the median of the paired per-round ratios is the overhead.
 
+Second, the Mollifier alone against a masked reference written the straightforward way (roles
+drawn on the host, a boolean mask per role, the DCT blur on the blurred rows only, noise on the
+noised rows only), at each of --reference-sizes, paired rounds likewise.
+
     PYTHONPATH=. python jobs/bench/mollify.py --device cpu --steps 2 --rounds 9
-Targets: mollified / plain <= 1.02 on CPU, <= 1.01 on GPU.
+Targets: mollified / plain <= 1.02 on CPU, <= 1.01 on GPU; masked reference / Mollifier >= 1.5
+(CPU, batch 128, 32 and 64 px).
 """
 from __future__ import annotations
 
@@ -22,9 +27,55 @@ import torch.nn.functional as F
 
 from common import device_name, report_result, synchronize
 from raymoll.models import build_model
-from raymoll.mollify import Mollifier, MollifyConfig
+from raymoll.mollify import (Mollifier, MollifyConfig, blur_sigma, heat_blur, noise_coefficients,
+                             sample_beta)
 
 TARGETS = {"cpu": 1.02, "cuda": 1.01}
+REFERENCE_TARGET = 1.5
+
+
+def masked_reference(m: Mollifier, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The straightforward mollifier: host-drawn roles, boolean masks, blur only the blurred
+    rows and noise only the noised ones (each mask indexing syncs the host on a GPU)."""
+    c, n = m.cfg, len(x)
+    role = torch.multinomial(torch.tensor([c.p_clean, c.p_noise, c.p_blur, c.p_both]), n,
+                             replacement=True).to(x.device)
+    t = torch.where(role == 0, 0.0, sample_beta(c.t_alpha, c.t_beta, n, None, x.device))
+    x_t = x.clone()
+    blurred, noised = (role & 2) != 0, (role & 1) != 0
+    tau = blur_sigma(t[blurred], c.sigma_min, m.sigma_max, c.blur_schedule) ** 2 / 2
+    x_t[blurred] = heat_blur(x[blurred], tau)
+    alpha, sigma = noise_coefficients(t[noised], c.noise_schedule, c.noise_shape)
+    rows = x_t[noised]
+    x_t[noised] = alpha[:, None, None, None] * rows + sigma[:, None, None, None] * torch.randn_like(rows)
+    gamma_n = torch.where(noised, noise_coefficients(t, c.noise_schedule)[1] ** 2, 0.0)
+    gamma_b = torch.where(blurred, t, 0.0)
+    gamma = (1 - (1 - gamma_b) * (1 - gamma_n))[:, None]
+    y_t = (1 - gamma) * (y[:, None] == torch.arange(m.num_classes, device=y.device)) + gamma / m.num_classes
+    return x_t, y_t
+
+
+def reference_speedup(size: int, batch: int, classes: int, rounds: int,
+                      device: torch.device) -> tuple[float, float, float, list[float]]:
+    """(masked reference / Mollifier median of paired rounds, both ms, per-round ratios,
+    the iid (branch-free) Mollifier's ms)."""
+    m = Mollifier(MollifyConfig(), size, classes).to(device)
+    iid = Mollifier(dataclasses.replace(MollifyConfig(), role_sampling="iid"), size,
+                    classes).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    variants = {"mollifier": lambda: m(x, y), "reference": lambda: masked_reference(m, x, y),
+                "iid": lambda: iid(x, y)}
+    for fn in variants.values():
+        time_steps(fn, 2, device)
+    times = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            times[v].append(time_steps(variants[v], 5, device))
+    per_round = [ref / mol for mol, ref in zip(times["mollifier"], times["reference"])]
+    return (statistics.median(per_round), statistics.median(times["mollifier"]) * 1e3,
+            statistics.median(times["reference"]) * 1e3, per_round,
+            statistics.median(times["iid"]) * 1e3)
 
 
 def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
@@ -77,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the mollifier (fullgraph), as optim.compile does")
+    parser.add_argument("--reference-sizes", type=int, nargs="*", default=[32, 64],
+                        help="image sizes of the Mollifier vs masked-reference comparison")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -130,6 +183,22 @@ def main(argv: list[str] | None = None) -> None:
                   f"median of {args.rounds} paired rounds x {args.steps} steps: plain "
                   f"{plain * 1e3:.1f} ms, mollified {mollified * 1e3:.1f} ms, mollifier alone "
                   f"{alone * 1e3:.2f} ms; bf16={bf16}, compiled mollifier={args.compile}")
+
+
+    for size in args.reference_sizes:
+        speedup, mol, ref, per_round, iid = reference_speedup(size, args.batch, args.classes,
+                                                              args.rounds, device)
+        print(f"{size} px: Mollifier {mol:.2f} ms (iid roles, every op on every row: "
+              f"{iid:.2f} ms), masked reference {ref:.2f} ms per batch: "
+              f"{speedup:.2f}x (rounds {min(per_round):.2f}..{max(per_round):.2f}; target >= "
+              f"{REFERENCE_TARGET})")
+        report_result(f"mollify vs masked {size}px", f"masked reference / stratified Mollifier, "
+                      f"batch {args.batch}, {size} px", speedup, "x", f">= {REFERENCE_TARGET}",
+                      speedup >= REFERENCE_TARGET if device.type == "cpu" else None,
+                      device_name(device),
+                      f"median of {args.rounds} paired rounds x 5 batches: Mollifier {mol:.2f} "
+                      f"ms (iid roles {iid:.2f} ms), reference {ref:.2f} ms; per round {min(per_round):.2f}.."
+                      f"{max(per_round):.2f}x")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class Benchmark:
 
 
 BENCHMARKS = {
+    "augment": Benchmark(True, ("--rounds", "3")),
     "mollify": Benchmark(True, ("--rounds", "5")),
     "loader": Benchmark(True, ("--subset", "10000", "--rounds", "2")),
     "pipeline": Benchmark(True, ("--subset", "5120", "--rounds", "5")),
@@ -57,21 +58,23 @@ def machine(device: str) -> str:
             f"device {device_name(device)}")
 
 
-def run(name: str, args: list[str], verbose: bool) -> tuple[dict | None, list[str], int]:
-    """Run one benchmark script; returns its RESULT dict (None if it printed none), its output
-    lines and its exit code."""
+def run(name: str, args: list[str], verbose: bool) -> tuple[list[dict], list[str], int]:
+    """Run one benchmark script; returns its RESULT dicts (one per target it measures; none if
+    it printed none), its output lines and its exit code."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     process = subprocess.Popen([sys.executable, str(HERE / f"{name}.py"), *args], cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, bufsize=1)
-    result, lines = None, []
+    results, lines = [], []
     for line in process.stdout:
         lines.append(line.rstrip("\n"))
         if verbose:
             print(f"    {line}", end="", flush=True)
-        result = parse_result(line) or result
-    return result, lines, process.wait()
+        result = parse_result(line)
+        if result is not None:
+            results.append(result)
+    return results, lines, process.wait()
 
 
 def measured(result: dict) -> str:
@@ -130,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                       *(("--device", args.device) if bench.takes_device else ())]
         print(f"[{i}/{len(names)}] {name} {' '.join(bench_args)} ...", flush=True)
         started = time.perf_counter()
-        result, lines, code = run(name, bench_args, args.verbose)
+        results, lines, code = run(name, bench_args, args.verbose)
         seconds = time.perf_counter() - started
-        print(f"[{i}/{len(names)}] {name}: {measured(result) if result else '-'} "
-              f"({verdict(result, code)}) in {seconds:.0f} s", flush=True)
-        if (result is None or code != 0) and not args.verbose:
+        summary = ", ".join(f"{measured(r)} ({verdict(r, code)})" for r in results)
+        print(f"[{i}/{len(names)}] {name}: {summary or '-'} in {seconds:.0f} s", flush=True)
+        if (not results or code != 0) and not args.verbose:
             print("\n".join(f"    {line}" for line in lines[-15:]), flush=True)
-        rows.append((name, result, code))
+        rows += [(r["bench"], r, code) for r in results] or [(name, None, code)]
 
     table = table_rows(rows)
     details = [f"{name}: {r['details']} [{r['device']}]" for name, r, _ in rows if r]

@@ -1,9 +1,9 @@
 """Per-sample batch augmentation on the batch's device (MixUp/CutMix: raymoll.data.mix).
 
 "fcr" (the paper's base: flip, crop with 4-px zero padding, rotation up to 15 degrees) is one
-batched affine warp: fully vectorised, works on uint8 or float. The torchvision policies draw
-one op per call, so they are applied image by image (a Python loop: about 0.1-0.3 ms per 32x32
-image on a CPU core, tens of kernel launches per image on a GPU); they need uint8 images, i.e.
+batched affine warp: fully vectorised, works on uint8 or float. The torchvision policies
+(TrivialAugmentWide, RandAugment, AutoAugment, AugMix) are batched too (raymoll.data.policies:
+per-sample ops and magnitudes, no loop over images, no host sync); they need uint8 images, i.e.
 run them before the normalisation (make_loader(augment=...) does).
 """
 from __future__ import annotations
@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from raymoll.data.policies import POLICIES
 from raymoll.errors import RaymollError
 
 AUGMENTS = ("none", "fcr", "trivialaugment", "randaugment", "autoaugment", "augmix")
-_POLICIES = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment,
-             "autoaugment": v2.AutoAugment, "augmix": v2.AugMix}
 
 
 def flip_crop_rotate(x: torch.Tensor, pad: int = 4, max_degrees: float = 15.0,
@@ -54,10 +53,13 @@ class BatchAugment(nn.Module):
     """Random augmentations drawn independently for every image of a batch, applied in order.
 
     names: one of AUGMENTS or a sequence of them (DataConfig.augment), e.g. ["fcr",
-    "trivialaugment"]. generator: the source of every random draw (public: the training loop
-    reseeds it each epoch with `augment.generator.manual_seed(...)`); it must live on the
-    batch's device; None = the global RNG. Input (N,3,H,W) on any device; output has the same
-    shape, dtype and device. fcr takes uint8 or float; the policies need uint8.
+    "trivialaugment"]. The policies have torchvision's defaults (RandAugment N=2, M=9; AugMix
+    severity 3, width 3, depth 1-3, alpha 1); "autoaugment" uses torchvision's CIFAR-10 policy
+    for images up to 64 px and its ImageNet policy above. generator: the source of every random
+    draw (public: the training loop reseeds it each epoch with `augment.generator.manual_seed(
+    ...)`); it must live on the batch's device; None = the global RNG. Input (N,3,H,W) on any
+    device; output has the same shape, dtype and device. fcr takes uint8 or float; the
+    policies need uint8.
     """
 
     def __init__(self, names: str | Sequence[str], generator: torch.Generator | None = None):
@@ -68,28 +70,24 @@ class BatchAugment(nn.Module):
             raise RaymollError(f"unknown augmentation {unknown[0]!r}: choose one of "
                                f"{', '.join(AUGMENTS)}.")
         self.generator = generator
-        self.policies = {n: _POLICIES[n]() for n in self.names if n in _POLICIES}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.names:
             if name == "fcr":
                 x = flip_crop_rotate(x, generator=self.generator)
+            elif name == "autoaugment":
+                policy = "cifar10" if max(x.shape[-2:]) <= 64 else "imagenet"
+                x = POLICIES[name](self._uint8(name, x), self.generator, policy=policy)
             elif name != "none":
-                x = self._policy(name, x)
+                x = POLICIES[name](self._uint8(name, x), self.generator)
         return x
 
-    def _policy(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _uint8(name: str, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
             raise RaymollError(f"augmentation {name!r} needs uint8 images, got {x.dtype}: "
                                f"apply it before the normalisation.")
-        if self.generator is None:
-            return torch.stack([self.policies[name](image) for image in x])
-        # torchvision's policies draw from the global RNG: fork it, seeded from the generator.
-        seed = int(torch.randint(2**62, (1,), generator=self.generator,
-                                 device=self.generator.device))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return torch.stack([self.policies[name](image) for image in x])
+        return x
 
     def extra_repr(self) -> str:
         return ", ".join(self.names)

@@ -1,0 +1,338 @@
+"""Batched TrivialAugmentWide, RandAugment, AutoAugment and AugMix: torchvision v2's policies
+(`torchvision.transforms.v2._auto_augment`, their defaults) with one op and magnitude drawn per
+sample, applied to the whole batch at once.
+
+Every op is an image-wise kernel with a per-sample parameter that has a neutral value (shear 0,
+brightness factor 1, posterize 8 bits, solarize threshold 256, ...). `apply_ops` runs the batch
+through the fixed chain of ops, each sample getting its own parameter and every op it did not
+draw at its neutral value, so the shapes never depend on the draw: no Python loop over images,
+no host sync, the same kernels on CPU and CUDA. The geometric ops (shear, translate, rotate) are
+one per-sample affine matrix and one grid_sample. Each op equals its
+`torchvision.transforms.v2.functional` kernel on uint8 images (tests/test_augment.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+# The fixed op set; a sample's op is its index here.
+OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
+       "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
+       "Invert")
+OP = {name: i for i, name in enumerate(OPS)}
+SIGNED = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+          "Contrast", "Sharpness")
+
+
+# torchvision's bins are float32 (its magnitude is float() of one): so are these, held as float64.
+def _linear(high: float):
+    return lambda bins, h, w: torch.linspace(0.0, high, bins).double()
+
+
+def _posterize(top: int, span: int):
+    return lambda bins, h, w: (top - torch.arange(bins) / ((bins - 1) / span)).round().double()
+
+
+_SOLARIZE = lambda bins, h, w: torch.linspace(1.0, 0.0, bins).double()  # noqa: E731
+_NONE = lambda bins, h, w: torch.zeros(bins, dtype=torch.float64)  # noqa: E731
+# Magnitude bins per op, as torchvision's _AUGMENTATION_SPACE of each policy defines them.
+_RANDAUGMENT_SPACE = {
+    "Identity": _NONE, "ShearX": _linear(0.3), "ShearY": _linear(0.3),
+    "TranslateX": lambda bins, h, w: torch.linspace(0.0, 150.0 / 331.0 * w, bins).double(),
+    "TranslateY": lambda bins, h, w: torch.linspace(0.0, 150.0 / 331.0 * h, bins).double(),
+    "Rotate": _linear(30.0), "Brightness": _linear(0.9), "Color": _linear(0.9),
+    "Contrast": _linear(0.9), "Sharpness": _linear(0.9), "Posterize": _posterize(8, 4),
+    "Solarize": _SOLARIZE, "AutoContrast": _NONE, "Equalize": _NONE}
+_AUTOAUGMENT_SPACE = {**{k: v for k, v in _RANDAUGMENT_SPACE.items() if k != "Identity"},
+                      "Invert": _NONE}
+_TRIVIAL_SPACE = {
+    "Identity": _NONE, "ShearX": _linear(0.99), "ShearY": _linear(0.99),
+    "TranslateX": _linear(32.0), "TranslateY": _linear(32.0), "Rotate": _linear(135.0),
+    "Brightness": _linear(0.99), "Color": _linear(0.99), "Contrast": _linear(0.99),
+    "Sharpness": _linear(0.99), "Posterize": _posterize(8, 6), "Solarize": _SOLARIZE,
+    "AutoContrast": _NONE, "Equalize": _NONE}
+_AUGMIX_SPACE = {
+    "ShearX": _linear(0.3), "ShearY": _linear(0.3),
+    "TranslateX": lambda bins, h, w: torch.linspace(0.0, w / 3.0, bins).double(),
+    "TranslateY": lambda bins, h, w: torch.linspace(0.0, h / 3.0, bins).double(),
+    "Rotate": _linear(30.0), "Posterize": _posterize(4, 4), "Solarize": _SOLARIZE,
+    "AutoContrast": _NONE, "Equalize": _NONE, "Brightness": _linear(0.9), "Color": _linear(0.9),
+    "Contrast": _linear(0.9), "Sharpness": _linear(0.9)}
+
+# AutoAugment's sub-policies, (op, probability, magnitude bin of 10) twice, as torchvision's.
+AUTOAUGMENT_POLICIES = {
+    "imagenet": [
+        (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None)), (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)), (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
+        (("Solarize", 0.6, 3), ("Equalize", 0.6, None)), (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
+        (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)), (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
+        (("Rotate", 0.8, 8), ("Color", 0.4, 0)), (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
+        (("Equalize", 0.0, None), ("Equalize", 0.8, None)), (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+        (("Color", 0.6, 4), ("Contrast", 1.0, 8)), (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+        (("Color", 0.8, 8), ("Solarize", 0.8, 7)), (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
+        (("ShearX", 0.6, 5), ("Equalize", 1.0, None)), (("Color", 0.4, 0), ("Equalize", 0.6, None)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Invert", 0.6, None), ("Equalize", 1.0, None)), (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None))],
+    "cifar10": [
+        (("Invert", 0.1, None), ("Contrast", 0.2, 6)), (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
+        (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)), (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
+        (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)), (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
+        (("Color", 0.4, 3), ("Brightness", 0.6, 7)), (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
+        (("Equalize", 0.6, None), ("Equalize", 0.5, None)), (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
+        (("Color", 0.7, 7), ("TranslateX", 0.5, 8)), (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
+        (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)), (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
+        (("Solarize", 0.5, 2), ("Invert", 0.0, None)), (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
+        (("Equalize", 0.2, None), ("Equalize", 0.6, None)), (("Color", 0.9, 9), ("Equalize", 0.6, None)),
+        (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)), (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
+        (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)), (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
+        (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)), (("Equalize", 0.8, None), ("Invert", 0.1, None)),
+        (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None))],
+}
+
+
+def _table(space: dict, bins: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(op ids (K,), magnitudes (K, bins) float64, signed (K,) bool) of a policy's op space."""
+    ops = torch.tensor([OP[name] for name in space], device=device)
+    mags = torch.stack([fn(bins, h, w) for fn in space.values()]).to(device)
+    signed = torch.tensor([name in SIGNED for name in space], device=device)
+    return ops, mags, signed
+
+
+def _signed(magnitude: torch.Tensor, signed: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Negate each signed magnitude with probability 1/2 (torchvision: rand() <= 0.5)."""
+    flip = signed & (torch.rand(magnitude.shape, device=magnitude.device, generator=g) <= 0.5)
+    return torch.where(flip, -magnitude, magnitude)
+
+
+def _affine_theta(op: torch.Tensor, m: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Per-sample inverse affine matrices (N,2,3) float32, as torchvision's
+    _get_inverse_affine_matrix builds them for ShearX/Y (centre = top-left corner, shear =
+    atan(m)), TranslateX/Y (int(m) px) and Rotate (m degrees); identity for the other ops."""
+    zero = torch.zeros_like(m)
+
+    def where(name: str, value: torch.Tensor) -> torch.Tensor:
+        return torch.where(op == OP[name], value, zero)
+
+    shear_x = where("ShearX", torch.rad2deg(torch.atan(m)))
+    shear_y = where("ShearY", torch.rad2deg(torch.atan(m)))
+    tx, ty = where("TranslateX", m.trunc()), where("TranslateY", m.trunc())
+    angle = where("Rotate", -torch.remainder(m, 360.0))
+    sheared = (op == OP["ShearX"]) | (op == OP["ShearY"])
+    cx = torch.where(sheared, -0.5 * w, zero)
+    cy = torch.where(sheared, -0.5 * h, zero)
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    m2 = cx - d * (cx + tx) - (-b) * (cy + ty)
+    m5 = cy - (-c) * (cx + tx) - a * (cy + ty)
+    return torch.stack([d, -b, m2, -c, a, m5], 1).view(-1, 2, 3).float()
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
+    """torchvision's _affine_grid + _apply_grid_transform (zeros outside), batched over theta."""
+    n, _, h, w = x.shape
+    dev = x.device
+    base = torch.empty(1, h, w, 3, device=dev)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev)
+                       .unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    rescaled = theta.transpose(1, 2).div(torch.tensor([0.5 * w, 0.5 * h], device=dev))
+    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
+    out = F.grid_sample(x.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out.round_().to(torch.uint8)
+
+
+def _blend(x: torch.Tensor, degenerate: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """torchvision's _blend with a per-sample ratio (N,1,1,1) float64: truncated to uint8.
+    Like torchvision's Python-float scalars, ratio and 1 - ratio are rounded to float32
+    separately, so the result is the same to the grey level."""
+    out = (x * ratio.float()).addcmul_(degenerate, (1.0 - ratio).float())
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's _rgb_to_grayscale_image (float, floored for uint8 input): (N,1,H,W)."""
+    r, g, b = x.float().unbind(-3)
+    return (r * 0.2989 + g * 0.587 + b * 0.114).unsqueeze(-3).floor_()
+
+
+def _sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_sharpness_image with a per-sample factor (N,1,1,1) float64."""
+    c = x.shape[-3]
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=x.device).expand(c, 1, 3, 3)
+    out = x.float()
+    blurred = F.conv2d(out, kernel, groups=c).round_()
+    view = out[..., 1:-1, 1:-1]
+    view.addcmul_(blurred.sub_(view), (1.0 - factor).float())
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _geometric(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    return _warp(x, _affine_theta(op, m, *x.shape[-2:]), mode)
+
+
+def _blends(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    """Brightness: a blend with black; Color: with the grey image; Contrast: with its mean."""
+    n = len(x)
+    ratio = torch.where((op == OP["Brightness"]) | (op == OP["Color"]) | (op == OP["Contrast"]),
+                        1.0 + m, 1.0).view(n, 1, 1, 1)
+    grey = _grey(x)
+    degenerate = torch.where((op == OP["Color"]).view(n, 1, 1, 1), grey,
+                             torch.where((op == OP["Contrast"]).view(n, 1, 1, 1),
+                                         grey.mean(dim=(-3, -2, -1), keepdim=True), 0.0))
+    return _blend(x, degenerate, ratio)
+
+
+def _sharpness(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    return _sharpen(x, torch.where(op == OP["Sharpness"], 1.0 + m, 1.0).view(-1, 1, 1, 1))
+
+
+def _posterize_solarize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor,
+                        mode: str) -> torch.Tensor:
+    n = len(x)
+    bits = torch.where(op == OP["Posterize"], m, 8.0).long()
+    x = x & (((1 << bits) - 1) << (8 - bits)).to(torch.uint8).view(n, 1, 1, 1)
+    # Invert is solarize at threshold 0; 256 (no pixel reaches it) leaves a sample unchanged.
+    threshold = torch.where(op == OP["Solarize"], 255.0 * m,
+                            torch.where(op == OP["Invert"], 0.0, 256.0)).float().view(n, 1, 1, 1)
+    return torch.where(x.float() >= threshold, x.bitwise_not(), x)
+
+
+def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    return torch.where((op == OP["AutoContrast"]).view(-1, 1, 1, 1), TF.autocontrast(x), x)
+
+
+def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+    return torch.where((op == OP["Equalize"]).view(-1, 1, 1, 1), TF.equalize(x), x)
+
+
+# The chain: (the ops a stage implements, the stage); each leaves the other ops' samples as is.
+_STAGES = ((("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"), _geometric),
+           (("Brightness", "Color", "Contrast"), _blends), (("Sharpness",), _sharpness),
+           (("Posterize", "Solarize", "Invert"), _posterize_solarize),
+           (("AutoContrast",), _autocontrast), (("Equalize",), _equalize))
+
+
+def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor,
+              interpolation: str = "nearest") -> torch.Tensor:
+    """Apply op[i] (an index into OPS) at magnitude[i] (torchvision's signed magnitude) to x[i].
+
+    x: (N,C,H,W) uint8; op: (N,) int64; magnitude: (N,) float64, on x's device. Returns uint8.
+    On the CPU each stage runs only on the rows that drew one of its ops (finding them costs
+    nothing there); on an accelerator it runs on every row, the others at neutral parameters,
+    so no shape depends on the draw and nothing waits for the device.
+    """
+    m = magnitude.to(torch.float64)
+    for names, stage in _STAGES:
+        if x.device.type != "cpu":
+            x = stage(x, op, m, interpolation)
+            continue
+        rows = torch.isin(op, torch.tensor([OP[name] for name in names])).nonzero().flatten()
+        if len(rows):
+            done = stage(x.index_select(0, rows), op[rows], m[rows], interpolation)
+            x = x.index_copy(0, rows, done)
+    return x
+
+
+def _pick(table: tuple[torch.Tensor, ...], n: int, bins: torch.Tensor,
+          g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniformly drawn op of the table per sample, at magnitude bin `bins` (N,), signed."""
+    ops, mags, signed = table
+    k = torch.randint(len(ops), (n,), device=ops.device, generator=g)
+    return ops[k], _signed(mags[k, bins], signed[k], g)
+
+
+def trivial_augment(x: torch.Tensor, g: torch.Generator | None = None,
+                    num_magnitude_bins: int = 31) -> torch.Tensor:
+    """TrivialAugmentWide per sample: one uniform op at a uniform magnitude bin. uint8 (N,C,H,W)."""
+    n, _, h, w = x.shape
+    table = _table(_TRIVIAL_SPACE, num_magnitude_bins, h, w, x.device)
+    bins = torch.randint(num_magnitude_bins, (n,), device=x.device, generator=g)
+    return apply_ops(x, *_pick(table, n, bins, g))
+
+
+def rand_augment(x: torch.Tensor, g: torch.Generator | None = None, num_ops: int = 2,
+                 magnitude: int = 9, num_magnitude_bins: int = 31) -> torch.Tensor:
+    """RandAugment per sample: `num_ops` uniform ops at bin `magnitude`. uint8 (N,C,H,W)."""
+    n, _, h, w = x.shape
+    table = _table(_RANDAUGMENT_SPACE, num_magnitude_bins, h, w, x.device)
+    bins = torch.full((n,), magnitude, device=x.device)
+    for _ in range(num_ops):
+        x = apply_ops(x, *_pick(table, n, bins, g))
+    return x
+
+
+def autoaugment_draw(n: int, h: int, w: int, device: torch.device, g: torch.Generator | None,
+                     policy: str = "cifar10") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """AutoAugment's draw per sample: a uniform sub-policy of `policy`, each of its two ops
+    kept with its probability (else Identity). Returns [(op (N,), magnitude (N,))] per slot."""
+    ops, mags, signed = _table(_AUTOAUGMENT_SPACE, 10, h, w, device)
+    row = list(_AUTOAUGMENT_SPACE).index
+    subs = AUTOAUGMENT_POLICIES[policy]
+    sub_op = torch.tensor([[row(name) for name, _, _ in s] for s in subs], device=device)
+    sub_p = torch.tensor([[p for _, p, _ in s] for s in subs], device=device)
+    sub_bin = torch.tensor([[b or 0 for _, _, b in s] for s in subs], device=device)
+    k = torch.randint(len(subs), (n,), device=device, generator=g)
+    slots = []
+    for slot in range(2):
+        r = sub_op[k, slot]
+        applied = torch.rand(n, device=device, generator=g) <= sub_p[k, slot]
+        magnitude = _signed(mags[r, sub_bin[k, slot]], signed[r], g)
+        slots.append((torch.where(applied, ops[r], OP["Identity"]), magnitude))
+    return slots
+
+
+def auto_augment(x: torch.Tensor, g: torch.Generator | None = None,
+                 policy: str = "cifar10") -> torch.Tensor:
+    """AutoAugment per sample with `policy` ("cifar10" | "imagenet"). uint8 (N,C,H,W)."""
+    n, _, h, w = x.shape
+    for op, magnitude in autoaugment_draw(n, h, w, x.device, g, policy):
+        x = apply_ops(x, op, magnitude)
+    return x
+
+
+def augmix_weights(n: int, mixture_width: int, alpha: float, device: torch.device,
+                   g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """AugMix's weights: the image's m0 ~ Beta(alpha, alpha) (N,), the chains' Dirichlet(alpha)
+    weights scaled by 1 - m0 (N, mixture_width); they sum to 1 per sample."""
+    m = torch._sample_dirichlet(torch.full((n, 2), alpha, device=device), generator=g)
+    weights = torch._sample_dirichlet(torch.full((n, mixture_width), alpha, device=device),
+                                      generator=g) * m[:, 1:]
+    return m[:, 0], weights
+
+
+def augmix(x: torch.Tensor, g: torch.Generator | None = None, severity: int = 3,
+           mixture_width: int = 3, chain_depth: int = -1, alpha: float = 1.0) -> torch.Tensor:
+    """AugMix per sample (torchvision's defaults, bilinear warps): `mixture_width` chains of
+    1-3 ops (or `chain_depth`) at a uniform magnitude bin below `severity`, mixed with the
+    image by augmix_weights. uint8 (N,C,H,W)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    table = _table(_AUGMIX_SPACE, 10, h, w, dev)
+    m0, weights = augmix_weights(n, mixture_width, alpha, dev, g)
+    mix = m0.view(n, 1, 1, 1) * x
+    max_depth = chain_depth if chain_depth > 0 else 3
+    for i in range(mixture_width):
+        depth = (torch.full((n,), chain_depth, device=dev) if chain_depth > 0
+                 else torch.randint(1, 4, (n,), device=dev, generator=g))
+        aug = x
+        for step in range(max_depth):
+            bins = torch.randint(severity, (n,), device=dev, generator=g)
+            op, magnitude = _pick(table, n, bins, g)
+            aug = apply_ops(aug, torch.where(step < depth, op, OP["Identity"]), magnitude,
+                            interpolation="bilinear")
+        mix.add_(weights[:, i].view(n, 1, 1, 1) * aug)
+    return mix.to(torch.uint8)
+
+
+POLICIES = {"trivialaugment": trivial_augment, "randaugment": rand_augment,
+            "autoaugment": auto_augment, "augmix": augmix}
