@@ -13,7 +13,6 @@ from raymoll.config import Config, to_dict
 from raymoll.corruptions import CORRUPTIONS, FAMILIES, VALIDATION_CORRUPTIONS, corrupt
 from raymoll.data import load_split, normalizer, prepare, read_meta
 from raymoll.corruptions.official import CorruptionFilesError
-from raymoll.errors import RaymollError
 from raymoll.evaluate import EvaluateError, evaluate, set_seed
 from raymoll.evaluation.scoring import SetScorer, fit_temperature
 from raymoll.io import WriteError

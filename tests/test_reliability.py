@@ -1,7 +1,6 @@
 """Issue 14's defects 4, 6-10: each bad input fails up front (before Ray and heavy imports)
 with a RaymollError, and prepare leaves no litter. Named after the defect each one guards."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import pytest
 from raymoll.cli import main
 from raymoll.config import ConfigError, load_config
 from raymoll.data.sources import DataError
-from raymoll.errors import RaymollError
 from raymoll.preflight import check_train, check_tune, read_meta_file
 from mounts import read_only_folder
 

@@ -4,13 +4,11 @@ dies mid-epoch, resume after a killed driver, and proof that the test split cann
 training or selection."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -13,7 +13,6 @@ import gzip
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import venv

@@ -14,7 +14,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
 from raymoll.data.policies import POLICIES
 from raymoll.errors import RaymollError

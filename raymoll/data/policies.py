@@ -12,7 +12,6 @@ one per-sample affine matrix and one grid_sample. Each op equals its
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

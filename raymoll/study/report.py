@@ -21,8 +21,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
+from raymoll.io import atomic_write
 from raymoll.report import TEST_FAMILIES, _save
-from raymoll.results import writing
 
 STUDY_KEY = b"raymoll_study"  # schema metadata of study.parquet: the study section, the axes
 BOOTSTRAP_SEED = 0
@@ -189,6 +189,5 @@ def study_report(results: str | Path, out: str | Path) -> Path:
         _diff_table(diffs, axes, metrics) if len(diffs) else "(only the reference method)", "",
         "## Figure", "", "![study](study.png)", ""])
     summary = out / "summary.md"
-    with writing(summary) as tmp:
-        tmp.write_text(text)
+    atomic_write(summary, text)
     return summary

@@ -30,11 +30,12 @@ import ray
 from ray import tune
 
 from raymoll.config import Config, to_dict
+from raymoll.io import atomic_write
 from raymoll.results import METADATA_KEY
 from raymoll.study.cells import METHOD, Cell, cell_config, expand, label
 from raymoll.train.trainer import SCORE
 from raymoll.study.report import STUDY_KEY, study_report
-from raymoll.tune.search import (_parquet_bytes, _write, experiment_path, experiment_tuner,
+from raymoll.tune.search import (_parquet_bytes, experiment_path, experiment_tuner,
                                  max_concurrent, run_trial, trainable)
 
 
@@ -125,7 +126,7 @@ def evaluate_cells(cfg: Config, todo: dict[str, str], folder: str) -> list[tuple
     while pending:
         (done,), _ = ray.wait(list(pending), num_returns=1)
         data, started, ended = ray.get(done)
-        _write(os.path.join(folder, f"{pending.pop(done)}.parquet"), data)
+        atomic_write(os.path.join(folder, f"{pending.pop(done)}.parquet"), data)
         spans.append((started, ended))
     return spans
 
@@ -229,18 +230,18 @@ def run_study(cfg: Config, resume: bool = False, callbacks: list | None = None) 
 
     evaluated = {c.name for c in cells if _exists(os.path.join(folder, f"{c.name}.parquet"))}
     table = cells_table(cfg, cells, trained, evaluated)
-    cells_path = _write(os.path.join(path, "cells.parquet"), _parquet_bytes(table))
+    cells_path = atomic_write(os.path.join(path, "cells.parquet"), _parquet_bytes(table))
     merged = merge(cfg, cells, folder)
     study_path = report_path = None
     if merged is not None:
         sink = pa.BufferOutputStream()
         pq.write_table(merged, sink)
-        study_path = _write(os.path.join(path, "study.parquet"), sink.getvalue().to_pybytes())
+        study_path = atomic_write(os.path.join(path, "study.parquet"), sink.getvalue().to_pybytes())
         if "://" not in path:
             report_path = str(study_report(study_path, os.path.join(path, "report")))
 
     timing = driver_timing(started, trained_at, evaluated_at, time.time(), trained, eval_spans)
-    _write(os.path.join(path, "timing.json"), json.dumps(timing, indent=1))
+    atomic_write(os.path.join(path, "timing.json"), json.dumps(timing, indent=1))
     finished = len(evaluated) == len(cells)
     print(table.to_string(index=False, float_format="%.4g"))
     print(f"study: {study_path}\ncells: {cells_path}\nreport: {report_path}\n"
