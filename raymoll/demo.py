@@ -13,6 +13,7 @@ Everything lands under `out` (default runs/demo/): data/, train/, results/*.parq
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -76,7 +77,9 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None,
 
     _say("2/4 training " + ", ".join(repr(cfg.run.name) for cfg in configs)
          + " side by side on an embedded Ray", started)
-    init_ray()
+    # One logical CPU per run's worker, so the three runs train at once and share the cores
+    # (a run left waiting for a CPU would hit Ray Train's worker start-up timeout).
+    init_ray(num_cpus=max(os.cpu_count() or 1, len(configs)))
     from raymoll.train import fit
     fit_remote = ray.remote(num_cpus=0)(fit)  # a driver per run; its workers hold the CPUs
     results = ray.get([fit_remote.remote(cfg) for cfg in configs])

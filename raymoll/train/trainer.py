@@ -14,7 +14,10 @@ from raymoll.run_folder import absolute
 from raymoll.train.loop import FAULT_DRILL_ENV, train_loop_per_worker
 
 SCORE = "val_score"  # what "best checkpoint" means: tune.objective on the validation split
-SCHEDULING_RETRIES = 2     # worker-group start-ups that may time out (60 s each) before failing
+# Worker-group start-ups that may time out (60 s each) before the run fails: about 10 minutes,
+# time for an autoscaler to add a cloud node, yet bounded, so max_failures=-1 cannot wait forever
+# for resources that never come.
+SCHEDULING_RETRIES = 10
 
 
 @dataclass
