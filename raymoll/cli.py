@@ -26,9 +26,11 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _check_data(cfg: Config) -> None:
-    """The data folder of `train` and `tune`, checked before Ray starts."""
+    """The data folder and tracker of `train` and `tune`, checked before Ray starts."""
     from raymoll.data import read_meta
+    from raymoll.tracking import check_tracker
     read_meta(cfg.data.path)
+    check_tracker(cfg.run.tracker)
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -131,6 +131,13 @@ class RunConfig:
                               "default, is kept too)", low=1)
     seed: int = _field(0, "seed for weights and every random stream of each rank (data order, "
                        "augmentation, MixUp/CutMix, mollification)", low=0)
+    tracker: str = _field("none", "live experiment tracking of every epoch (train) or trial "
+                          "(tune); none sends nothing anywhere",
+                          choices=("none", "tensorboard", "mlflow", "wandb"))
+    tracker_uri: str = _field("", "tensorboard: log folder (default <run folder>/tensorboard); "
+                              "mlflow: tracking URI, e.g. sqlite:///mlflow.db; wandb: its folder")
+    tracker_project: str = _field("", "mlflow experiment or wandb project (default: run.name "
+                                  "for mlflow, raymoll for wandb)")
 
 
 @dataclass

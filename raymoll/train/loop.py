@@ -39,6 +39,7 @@ from raymoll.data import (BatchAugment, BatchMix, batch_mix, load_split, make_lo
 from raymoll.inference import autocast, score
 from raymoll.models import build_model
 from raymoll.mollify import Mollifier
+from raymoll.tracking import Tracker
 from raymoll.train.ema import WeightEMA
 
 NAN_CHECK_EVERY = 50  # steps between host reads of the non-finite-loss flag (one sync each)
@@ -306,6 +307,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[raymoll] resumed from the checkpoint after epoch {start_epoch}", flush=True)
 
+    tracker = Tracker(config, cfg.run.name, ctx.get_storage().experiment_fs_path) \
+        if rank == 0 and cfg.run.tracker != "none" else None
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
         trainee.reseed(cfg.run.seed, rank, epoch)  # before the loader's pipeline thread starts
@@ -327,7 +330,11 @@ def train_loop_per_worker(config: dict) -> None:
             metrics |= {prefix + k: v for k, v in
                         evaluate_epoch(model, val_sets, normalize, cfg).items()}
         metrics["epoch_seconds"] = time.perf_counter() - started
+        if tracker is not None:
+            tracker.log(metrics, step=epoch + 1)
         report(metrics, trainee, cfg, meta, rank)
+    if tracker is not None:
+        tracker.close()
 
 
 def checkpoint_state(metrics: dict, trainee: Trainee, cfg: Config, meta: dict) -> dict:

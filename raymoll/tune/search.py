@@ -28,6 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from raymoll.config import Config, ConfigError, from_dict, to_dict
+from raymoll.tracking import tune_callbacks
 from raymoll.train.trainer import absolute, build_trainer, worker_resources
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
@@ -75,6 +76,7 @@ def _trainable(cfg: Config, path: str):
     base = to_dict(cfg)
     base["run"]["storage_path"] = path
     base["data"]["path"] = absolute(cfg.data.path)
+    base["run"]["tracker"] = "none"  # Tune's logger callback logs each trial (tracking.py)
     return tune.with_resources(tune.with_parameters(run_trial, base=base),
                                {"CPU": cfg.tune.trial_cpus})
 
@@ -131,7 +133,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
         tuner = tune.Tuner.restore(path, _trainable(cfg, path), resume_unfinished=True,
                                    restart_errored=True)
     else:
-        tuner = _new_tuner(cfg, path, callbacks or [])
+        tuner = _new_tuner(cfg, path, (callbacks or []) + tune_callbacks(to_dict(cfg)))
     grid = tuner.fit()
     # The state a --resume would continue; the ResultGrid cannot tell an interrupted search,
     # whose stopped trials it reports TERMINATED.
