@@ -105,6 +105,19 @@ class Tracker:
             self._client.finish()
 
 
+def log_evaluation(config: dict[str, Any], results: str, name: str, folder: str) -> None:
+    """Log the headline of an evaluation table (raymoll.report.headline: clean and corrupted
+    accuracy, NLL, ECE, raw and temperature-scaled, per family) as one tracked run, step 0."""
+    from raymoll.report import headline
+    from raymoll.results import read_results
+    (numbers,) = headline(read_results(results))
+    tracker = Tracker(config, name, folder)
+    try:
+        tracker.log(numbers, step=0)
+    finally:
+        tracker.close()
+
+
 def tune_callbacks(config: dict[str, Any]) -> list:
     """Tune's logger callback for run.tracker (one run per trial), or none."""
     run = config["run"]

@@ -8,8 +8,8 @@ import pytest
 
 from raymoll.checkpoint import load_checkpoint
 from raymoll.cli import main
-from raymoll.config import ConfigError, load_config
-from raymoll.tracking import flat_params
+from raymoll.config import ConfigError, load_config, to_dict
+from raymoll.tracking import flat_params, log_evaluation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 TINY = ["optim.epochs=2", "data.train_subset=1024", "eval.val_subset=128", "data.batch_size=64",
@@ -57,6 +57,24 @@ def test_flat_params_and_an_unknown_tracker():
         {"optim.lr": 0.02, "data.augment": '["fcr"]'}
     with pytest.raises(ConfigError, match="run.tracker"):
         load_config(None, ["run.tracker=neptune"])
+
+
+def test_final_evaluation_headline_is_logged(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from raymoll.report import headline
+    from raymoll.results import read_results, write_results
+    from test_report import fake_rows
+    results = write_results(fake_rows("best", True, 0), {}, tmp_path / "best.parquet")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = to_dict(load_config(None, ["run.tracker=mlflow", f"run.tracker_uri={uri}",
+                                        "run.name=search"]))
+    log_evaluation(config, str(results), "search-best-evaluation", str(tmp_path))
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    (expected,) = headline(read_results(results))
+    assert run.info.run_name == "search-best-evaluation"
+    for key in ("clean_accuracy", "corrupted_accuracy", "corrupted_ece", "corrupted_ece_ts"):
+        assert run.data.metrics[key] == pytest.approx(expected[key])
 
 
 @pytest.mark.ray

@@ -28,7 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from raymoll.config import Config, ConfigError, from_dict, to_dict
-from raymoll.tracking import tune_callbacks
+from raymoll.tracking import log_evaluation, tune_callbacks
 from raymoll.train.trainer import absolute, build_trainer, worker_resources
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
@@ -159,6 +159,8 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     if cfg.tune.final_evaluate and checkpoint:
         evaluation = final_evaluate(checkpoint, best_cfg, path)
         print(f"evaluation of the best checkpoint: {evaluation}")
+        if cfg.run.tracker != "none":
+            log_evaluation(to_dict(cfg), evaluation, f"{cfg.run.name}-best-evaluation", path)
     return SearchResult(path, True, trials, best_yaml, checkpoint, evaluation)
 
 
