@@ -34,7 +34,8 @@ install_python() {
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing raymoll and its dependencies into .venv (first time: a few minutes)"
     .venv/bin/pip install -q "${TORCH[@]}"
-    .venv/bin/pip install -q -e ".[test,timm]"  # timm: `evaluate --model timm:NAME`
+    # timm: `evaluate --model timm:NAME`; tracking: run.tracker clients (all tested)
+    .venv/bin/pip install -q -e ".[test,timm,tracking]"
     .venv/bin/pip install -q --no-deps "${EXTRA[@]}"
     echo "$want" > "$stamp"
   fi

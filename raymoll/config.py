@@ -75,6 +75,10 @@ class OptimConfig:
                                     "eps / K for every sample; with mollification on it is "
                                     "applied first, then the mollifier smooths those targets",
                                     low=0.0, high=1.0, high_open=True)
+    ema_decay: float = _field(0.0, "EMA of the weights (and BatchNorm statistics) after each "
+                              "step, e.g. 0.999; reported as ema_* metrics, checkpointed, and "
+                              "selected when its val_score is higher; 0 = off", low=0.0,
+                              high=1.0, high_open=True)
     bf16: bool = _field(True, "bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = _field(False, "torch.compile the model (worth it on GPUs)")
 
@@ -133,6 +137,13 @@ class RunConfig:
                               "default, is kept too)", low=1)
     seed: int = _field(0, "seed for weights and every random stream of each rank (data order, "
                        "augmentation, MixUp/CutMix, mollification)", low=0)
+    tracker: str = _field("none", "live experiment tracking of every epoch (train) or trial "
+                          "(tune); none sends nothing anywhere",
+                          choices=("none", "tensorboard", "mlflow", "wandb"))
+    tracker_uri: str = _field("", "tensorboard: log folder (default <run folder>/tensorboard); "
+                              "mlflow: tracking URI, e.g. sqlite:///mlflow.db; wandb: its folder")
+    tracker_project: str = _field("", "mlflow experiment or wandb project (default: run.name "
+                                  "for mlflow, raymoll for wandb)")
 
 
 @dataclass

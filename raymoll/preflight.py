@@ -93,7 +93,10 @@ def check_run_config(cfg: Config, meta: dict, where: str = "") -> None:
 
 
 def check_storage(cfg: Config) -> None:
-    """run.storage_path must accept files (checked by a real write probe)."""
+    """run.storage_path must accept files (checked by a real write probe), and the run.tracker
+    client must be installed."""
+    from raymoll.tracking import check_tracker
+    check_tracker(cfg.run.tracker)
     try:
         check_writable_folder(cfg.run.storage_path)
     except RaymollError as err:

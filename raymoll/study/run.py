@@ -33,6 +33,7 @@ from raymoll.config import Config, to_dict
 from raymoll.io import atomic_write
 from raymoll.results import METADATA_KEY
 from raymoll.study.cells import METHOD, Cell, cell_config, expand, label
+from raymoll.tracking import tune_callbacks
 from raymoll.train.trainer import SCORE
 from raymoll.study.report import STUDY_KEY, study_report
 from raymoll.tune.search import (_parquet_bytes, experiment_path, experiment_tuner,
@@ -216,7 +217,8 @@ def run_study(cfg: Config, resume: bool = False, callbacks: list | None = None) 
     cells = expand(cfg)
     path = experiment_path(cfg)
     tuner = experiment_tuner(cfg, path, resume, "study",
-                             lambda: _new_tuner(cfg, path, cells, callbacks or []), run_cell)
+                             lambda: _new_tuner(cfg, path, cells, (callbacks or [])
+                                                + tune_callbacks(to_dict(cfg))), run_cell)
     grid = tuner.fit()
     trained_at = time.time()
     trained = _trained(cfg, grid, path)

@@ -41,6 +41,8 @@ from raymoll.data import (BatchAugment, BatchMix, batch_mix, load_split, make_lo
 from raymoll.inference import autocast, score
 from raymoll.models import build_model
 from raymoll.mollify import Mollifier
+from raymoll.tracking import Tracker
+from raymoll.train.ema import WeightEMA
 
 NAN_CHECK_EVERY = 50  # steps between host reads of the non-finite-loss flag (one sync each)
 STREAMS = ("augment", "mix", "mollify")  # a rank's random streams, reseeded every epoch
@@ -169,6 +171,7 @@ class Trainee:
     mix: BatchMix | None        # MixUp/CutMix, or None
     label_smoothing: float      # optim.label_smoothing
     streams: dict[str, torch.Generator]  # STREAMS -> generator (the loader's augment uses one)
+    ema: WeightEMA | None = None  # EMA of bare_model (optim.ema_decay > 0), or None
 
     def reseed(self, seed: int, rank: int, epoch: int) -> None:
         """Reseed every stream for `epoch` (0-based): the scheme that makes resume exact."""
@@ -202,8 +205,9 @@ def build_trainee(cfg: Config, meta: dict, device: torch.device, rank: int,
     mollifier = Mollifier(cfg.mollify, image_size=image_size, num_classes=num_classes).to(device)
     streams = streams if streams is not None else make_streams(device)
     mix = batch_mix(num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, streams["mix"])
+    ema = WeightEMA(bare_model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     trainee = Trainee(model, bare_model, optimizer, scheduler, mollifier, mix,
-                      cfg.optim.label_smoothing, streams)
+                      cfg.optim.label_smoothing, streams, ema)
     trainee.reseed(cfg.run.seed, rank, 0)
     return trainee
 
@@ -214,6 +218,8 @@ def restore(trainee: Trainee, state: dict) -> int:
     trainee.bare_model.load_state_dict(state["model"])
     trainee.optimizer.load_state_dict(state["optimizer"])
     trainee.scheduler.load_state_dict(state["scheduler"])
+    if trainee.ema is not None and "ema" in state:  # else the EMA starts from these weights
+        trainee.ema.load_state_dict(state["ema"])
     return state["epoch"]
 
 
@@ -285,6 +291,8 @@ def train_step(t: Trainee, x: torch.Tensor, y: torch.Tensor, bf16: bool = True) 
     loss.backward()
     t.optimizer.step()
     t.scheduler.step()
+    if t.ema is not None:
+        t.ema.update(t.bare_model)
     return loss
 
 
@@ -339,6 +347,8 @@ def train_loop_per_worker(config: dict) -> None:
         if registered is None or registered.path != checkpoint.path:
             adopt(checkpoint, state["metrics"], rank)
 
+    tracker = Tracker(config, cfg.run.name, ctx.get_storage().experiment_fs_path) \
+        if rank == 0 and cfg.run.tracker != "none" else None
     for epoch in range(start_epoch, cfg.optim.epochs):
         started = time.perf_counter()
         trainee.reseed(cfg.run.seed, rank, epoch)  # before the loader's pipeline thread starts
@@ -349,14 +359,35 @@ def train_loop_per_worker(config: dict) -> None:
         # DDP broadcasts BatchNorm running stats from rank 0 only at the start of each forward,
         # so each rank ends the epoch with its own; evaluate everywhere with rank 0's, which
         # are the ones the checkpoint keeps.
+        models = {"": trainee.bare_model} | ({"ema_": trainee.ema.module} if trainee.ema else {})
         if world > 1:
-            for buffer in trainee.bare_model.buffers():
-                dist.broadcast(buffer, src=0)
+            for model in models.values():
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=0)
         metrics = {"epoch": epoch + 1, "train_loss": loss,
                    "lr": trainee.scheduler.get_last_lr()[0]}
-        metrics |= evaluate_epoch(trainee.bare_model, val_sets, normalize, cfg)
+        for prefix, model in models.items():  # raw, and ema_* beside it
+            metrics |= {prefix + k: v for k, v in
+                        evaluate_epoch(model, val_sets, normalize, cfg).items()}
         metrics["epoch_seconds"] = time.perf_counter() - started
+        if tracker is not None:
+            tracker.log(metrics, step=epoch + 1)
         report(metrics, trainee, cfg, meta, rank)
+    if tracker is not None:
+        tracker.close()
+
+
+def checkpoint_state(metrics: dict, trainee: Trainee, cfg: Config, meta: dict) -> dict:
+    """The checkpoint of an epoch (format: raymoll.checkpoint). With EMA, `selected` is "ema"
+    when the EMA weights' val_score of this epoch is at least the raw weights', else "raw"."""
+    state = {"model": trainee.bare_model.state_dict(),
+             "optimizer": trainee.optimizer.state_dict(),
+             "scheduler": trainee.scheduler.state_dict(), "epoch": metrics["epoch"],
+             "config": to_dict(cfg), "meta": meta, "metrics": metrics}
+    if trainee.ema is not None:
+        state["ema"] = trainee.ema.state_dict()
+        state["selected"] = "ema" if metrics["ema_val_score"] >= metrics["val_score"] else "raw"
+    return state
 
 
 def report(metrics: dict, trainee: Trainee, cfg: Config, meta: dict, rank: int) -> None:
@@ -369,10 +400,6 @@ def report(metrics: dict, trainee: Trainee, cfg: Config, meta: dict, rank: int) 
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(folder, {
-                "model": trainee.bare_model.state_dict(),
-                "optimizer": trainee.optimizer.state_dict(),
-                "scheduler": trainee.scheduler.state_dict(), "epoch": metrics["epoch"],
-                "config": to_dict(cfg), "meta": meta, "metrics": metrics})
+            save_checkpoint(folder, checkpoint_state(metrics, trainee, cfg, meta))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -11,6 +11,7 @@ from ray.train.torch import TorchTrainer
 
 from raymoll.config import Config, to_dict
 from raymoll.run_folder import absolute
+from raymoll.tracking import tracker_env
 from raymoll.train.loop import FAULT_DRILL_ENV, train_loop_per_worker
 
 SCORE = "val_score"  # what "best checkpoint" means: tune.objective on the validation split
@@ -45,6 +46,7 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
     # The fault drill (tests) is set in the driver's environment: the workers get it too.
     drill = {FAULT_DRILL_ENV: os.environ[FAULT_DRILL_ENV]} if os.environ.get(FAULT_DRILL_ENV) \
         else {}
+    env = drill | (tracker_env() if cfg.run.tracker != "none" else {})
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),
@@ -62,7 +64,7 @@ def build_trainer(cfg: Config, name: str | None = None, callbacks: list | None =
                                                          checkpoint_score_attribute=SCORE,
                                                          checkpoint_score_order="max"),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": drill} if drill else None),
+            worker_runtime_env={"env_vars": env} if env else None),
     )
 
 

@@ -29,6 +29,7 @@ from ray.tune.schedulers import ASHAScheduler
 from raymoll.config import Config, from_dict, to_dict
 from raymoll.io import atomic_write
 from raymoll.preflight import check_search_state
+from raymoll.tracking import log_evaluation, tune_callbacks
 from raymoll.train.trainer import absolute, build_trainer, worker_resources
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
@@ -77,6 +78,7 @@ def trainable(cfg: Config, path: str, trial=run_trial):
     base = to_dict(cfg)
     base["run"]["storage_path"] = path
     base["data"]["path"] = absolute(cfg.data.path)
+    base["run"]["tracker"] = "none"  # Tune's logger callback logs each trial (tracking.py)
     return tune.with_resources(tune.with_parameters(trial, base=base),
                                {"CPU": cfg.tune.trial_cpus})
 
@@ -135,7 +137,8 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     check_space(cfg)
     path = experiment_path(cfg)
     tuner = experiment_tuner(cfg, path, resume, "search",
-                             lambda: _new_tuner(cfg, path, callbacks or []))
+                             lambda: _new_tuner(cfg, path, (callbacks or [])
+                                                  + tune_callbacks(to_dict(cfg))))
     grid = tuner.fit()
     # The state a --resume would continue; the ResultGrid cannot tell an interrupted search,
     # whose stopped trials it reports TERMINATED.
@@ -161,6 +164,8 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     if cfg.tune.final_evaluate and checkpoint:
         evaluation = final_evaluate(checkpoint, best_cfg, path)
         print(f"evaluation of the best checkpoint: {evaluation}")
+        if cfg.run.tracker != "none":
+            log_evaluation(to_dict(cfg), evaluation, f"{cfg.run.name}-best-evaluation", path)
     return SearchResult(path, True, trials, best_yaml, checkpoint, evaluation)
 
 
