@@ -23,7 +23,8 @@ import pandas as pd
 
 from raymoll.corruptions import CORRUPTIONS
 from raymoll.errors import RaymollError
-from raymoll.results import check_writable, read_results, run_settings, writing
+from raymoll.io import atomic_path, atomic_write, check_writable
+from raymoll.results import read_results, run_settings
 
 SEVERITIES = (1, 2, 3, 4, 5)
 RESULTS_CSV = "unaggregated_results.csv"
@@ -124,8 +125,7 @@ def export_robustbench(results: str | Path, out: str | Path, run: str | None = N
                      clean_acc=_percent(clean),
                      corruptions_acc=_percent(sum(corrupted.values()) / len(corrupted)),
                      footnote=_footnote(run_settings(table)[run]))
-    with writing(csv_path) as tmp:  # atomic: an old table survives a failure
+    with atomic_path(csv_path) as tmp:  # atomic: an old table survives a failure
         frame.to_csv(tmp)
-    with writing(json_path) as tmp:
-        tmp.write_text(json.dumps(dataclasses.asdict(info), indent=2))
+    atomic_write(json_path, json.dumps(dataclasses.asdict(info), indent=2))
     return json_path, csv_path
