@@ -85,7 +85,7 @@ def test_a_resumed_run_keeps_its_ema(tmp_path):
     assert state["selected"] == "ema" and set(state["ema"]) == set(state["model"])
 
     resumed = _cpu_trainee(cfg)
-    assert restore(resumed, str(tmp_path)) == 1
+    assert restore(resumed, state) == 1
     for key, value in first.ema.state_dict().items():
         torch.testing.assert_close(resumed.ema.state_dict()[key], value, rtol=0, atol=0)
     # The next step averages into the restored EMA, as in the uninterrupted run (no fresh copy).
