@@ -120,8 +120,9 @@ def check_study(cfg: Config, resume: bool) -> dict:
     from raymoll.study import cell_config, expand
     from raymoll.tune.space import check_objective
     check_objective(cfg.tune)
+    cells = expand(cfg)  # the study's own settings first: they do not depend on what is on disk
     meta = read_meta_file(cfg.data.path)
-    for cell in expand(cfg):
+    for cell in cells:
         check_run_config(cell_config(cfg, cell), meta, where=f"study cell {cell.name}: ")
     check_storage(cfg)
     path = os.path.join(cfg.run.storage_path, cfg.run.name)

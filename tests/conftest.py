@@ -1,5 +1,14 @@
 """Shared pytest fixtures."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The child exits 3 when Ray is initialised by the time the command returns.
+_CLI = ("import sys; from raymoll.cli import main; rc = main(sys.argv[1:]); "
+        "ray = sys.modules.get('ray'); sys.exit(3 if ray and ray.is_initialized() else rc)")
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +33,15 @@ def ray_local():
     ray.init(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def cli_without_ray():
+    """Run `raymoll ARGS` in a fresh interpreter and return (exit code, stderr); exit code 3
+    means the command started Ray. A fresh process, because the session's own Ray (ray_local)
+    would hide a Ray that the command started."""
+    def run(args: list[str]) -> tuple[int, str]:
+        proc = subprocess.run([sys.executable, "-c", _CLI, *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        return proc.returncode, proc.stderr
+    return run

@@ -107,14 +107,13 @@ def test_bad_studies_are_rejected(section, message):
     assert message in str(err.value)
 
 
-def test_cli_rejects_a_bad_study_before_ray(tmp_path, capsys):
-    import ray
+def test_cli_rejects_a_bad_study_before_ray(tmp_path, cli_without_ray):
     config = tmp_path / "bad.yaml"
     config.write_text(f"extends: {CONFIGS / 'study_fashion.yaml'}\nstudy:\n  seeds: [1, 1]\n"
                       f"run:\n  storage_path: {tmp_path / 'runs'}\n")
-    assert main(["study", "--config", str(config)]) == 2
-    assert "repeats a seed" in capsys.readouterr().err
-    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+    code, err = cli_without_ray(["study", "--config", str(config)])
+    assert code == 2 and "repeats a seed" in err, err
+    assert not (tmp_path / "runs").exists()
 
 
 # --- statistics -----------------------------------------------------------------------------
