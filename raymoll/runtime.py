@@ -34,18 +34,39 @@ def _fits(node: dict[str, float], worker: dict[str, float]) -> int:
                default=sys.maxsize)
 
 
+def _v1_autoscaler_may_add_nodes() -> bool:
+    """Whether a v1 autoscaler that can launch nodes watches the attached cluster.
+
+    Every Ray head runs a monitor; without an autoscaling config it is a read-only one whose
+    node types merely mirror the alive nodes ("node_<node id>"). Only other node types mean a
+    real node provider. Before the monitor's first report nothing can be ruled out."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
+    if ray._private.worker.global_worker.node.is_head():
+        return False  # this process started the Ray it uses: an embedded Ray never autoscales
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not raw:
+        return False  # no monitor at all
+    report = json.loads(raw).get("autoscaler_report")
+    if report is None:
+        return True
+    mirrors = {format_readonly_node_type(n["NodeID"]) for n in ray.nodes()}
+    return not set((report.get("node_type_mapping") or {}).values()) <= mirrors
+
+
 def placeable_workers(worker: dict[str, float]) -> int | None:
     """Upper bound on the workers of reservation `worker` (e.g. {"CPU": 1, "GPU": 1}) the
     attached Ray can place: its alive nodes, plus every node its autoscaler may add (the node
-    groups the autoscaler reports to the GCS; -1 nodes = unbounded). None when an autoscaler
-    runs that does not report its node types (Ray's v1 autoscaler): nothing can be ruled out."""
-    from ray._private import ray_constants
+    groups the v2 autoscaler reports to the GCS; -1 nodes = unbounded). None when a v1
+    autoscaler may add nodes: it does not report its node types, so nothing can be ruled out."""
     from ray._private.state import state
-    from ray.experimental.internal_kv import _internal_kv_get
     count = sum(_fits(n["Resources"], worker) for n in ray.nodes() if n["Alive"])
-    config = state.get_cluster_config()  # None without an autoscaler, or with the v1 one
+    config = state.get_cluster_config()  # None without a v2 autoscaler
     if config is None:
-        return None if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) else count
+        return None if _v1_autoscaler_may_add_nodes() else count
     for group in config.node_group_configs:
         per_node = _fits(dict(group.resources), worker)
         if per_node and group.max_count:
