@@ -4,7 +4,9 @@ Offline: cluster.yaml passes Ray's own cluster-config validation (what `ray up` 
 calls a cloud) and sets nodes up with run.sh, the README's own set-up script. With Ray: a head started with
 Ray's fake multi-node provider, whose node types mirror cluster.yaml, gets a `ray job submit` of
 jobs/train.py (token authentication on) that needs more CPUs than the head has; the autoscaler
-adds a worker node, the job writes its checkpoint, and the node is removed once idle.
+adds a worker node, which is lost mid-epoch (its processes killed, as a machine that goes away);
+the run resumes on a replacement node from its newest checkpoint, finishes, and the replacement
+is removed once idle.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import psutil
 import pytest
 import yaml
 
-from raymoll.checkpoint import load_checkpoint
+from raymoll.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray CLI, like the cluster's
@@ -158,37 +160,84 @@ def ray_env(token_path: Path, **extra: str) -> dict:
     return env
 
 
-def nodes(dashboard: str, token: str) -> list[dict]:
-    """Every node the cluster has seen (alive and dead), from the state API."""
-    request = urllib.request.Request(f"{dashboard}/api/v0/nodes?limit=100&detail=true",
+def dashboard_get(dashboard: str, token: str, path: str):
+    """The JSON the head's dashboard answers for `path` (token-authenticated)."""
+    request = urllib.request.Request(f"{dashboard}{path}",
                                      headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)["data"]["result"]["result"]
+        return json.load(response)
 
 
-def wait_for(predicate, timeout: float, what: str):
+def nodes(dashboard: str, token: str) -> list[dict]:
+    """Every node the cluster has seen (alive and dead), from the state API."""
+    return dashboard_get(dashboard, token,
+                         "/api/v0/nodes?limit=100&detail=true")["data"]["result"]["result"]
+
+
+def train_workers(dashboard: str, token: str) -> list[dict]:
+    """Every Ray Train worker actor the cluster has seen (alive and dead), from the state API."""
+    actors = dashboard_get(dashboard, token,
+                           "/api/v0/actors?limit=1000&detail=true")["data"]["result"]["result"]
+    return [a for a in actors if a["class_name"] == "RayTrainWorker"]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(2)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def submit_job(dashboard: str, env: dict, *entrypoint: str) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir <repo>` as the README runs it; waits for the job to end.
+def submit_job(dashboard: str, env: dict, submission_id: str, *entrypoint: str) -> None:
+    """`ray job submit --working-dir <repo>` as the README runs it, without waiting for the end.
 
     Retried while the head's job agent is still starting (Ray answers "try again later").
     """
     for _ in range(30):
-        job = subprocess.run([RAY, "job", "submit", f"--address={dashboard}",
-                              f"--working-dir={REPO}", "--", *entrypoint],
-                             env=env, capture_output=True, text=True, timeout=600)
+        job = subprocess.run([RAY, "job", "submit", f"--address={dashboard}", "--no-wait",
+                              f"--submission-id={submission_id}", f"--working-dir={REPO}", "--",
+                              *entrypoint], env=env, capture_output=True, text=True, timeout=120)
         if "No available agent to submit job" not in job.stderr:
-            return job
+            break
         time.sleep(2)
-    return job
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+
+
+def job_ended(dashboard: str, token: str, submission_id: str) -> tuple[str, str] | None:
+    """(status, output) of a job that has ended; None while it runs."""
+    status = dashboard_get(dashboard, token, f"/api/jobs/{submission_id}")["status"]
+    if status in ("PENDING", "RUNNING"):
+        return None
+    return status, dashboard_get(dashboard, token, f"/api/jobs/{submission_id}/logs")["logs"]
+
+
+def complete_epochs(run_folder: Path) -> list[int]:
+    """The epochs of the complete checkpoints in a run folder, in order, repeats kept."""
+    epochs = []
+    for path in run_folder.glob("checkpoint_*"):
+        with contextlib.suppress(Exception):  # one still being written does not load yet
+            epochs.append(load_checkpoint(path)["epoch"])
+    return sorted(epochs)
+
+
+def lose_node(node_id: str, marker: str) -> None:
+    """Kill every process of one fake node at once (its raylet, agents and the workers they
+    started), as a machine that goes away: the fake provider starts each node's processes with
+    its node id in their environment, and each has this test cluster's `marker` too."""
+    procs = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            env = proc.environ()
+            if (env.get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id
+                    and env.get("RAYMOLL_TEST_CLUSTER") == marker):
+                procs.append(proc)
+    assert procs, f"no processes of node {node_id}"
+    for proc in procs:  # no waiting for them: their parents, not this test, reap them
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 def stop_ray(marker: str) -> None:
@@ -208,6 +257,13 @@ def stop_ray(marker: str) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
+
+
+# The head's environment: the fake provider; the autoscaler looks every second; the GCS declares
+# a node whose raylet stopped answering dead after 3 missed health checks 1 s apart (a lost
+# node is noticed in seconds instead of Ray's default quarter of a minute or so).
+HEAD_SETTINGS = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                 "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
 @pytest.fixture
@@ -230,8 +286,7 @@ def fake_cluster(tmp_path):
                         f"--ray-client-server-port={client_port}",
                         f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp_dir}",
                         f"--autoscaling-config={config}", "--disable-usage-stats"],
-                       env=env | {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
-                       check=True, capture_output=True, timeout=120)
+                       env=env | HEAD_SETTINGS, check=True, capture_output=True, timeout=120)
         yield f"http://127.0.0.1:{dashboard_port}", token, env
     finally:
         stop_ray(str(temp_dir))
@@ -239,36 +294,78 @@ def fake_cluster(tmp_path):
 
 
 @pytest.mark.ray
-def test_submitted_train_job_scales_a_fake_cluster_up_and_down(fake_cluster, fashion_mnist_dir,
-                                                               tmp_path):
+def test_submitted_train_job_scales_a_fake_cluster_up_survives_a_lost_node_and_scales_down(
+        fake_cluster, fashion_mnist_dir, tmp_path):
     dashboard, token, env = fake_cluster
-    assert [n["is_head_node"] for n in nodes(dashboard, token)] == [True]
+    [head] = nodes(dashboard, token)
+    assert head["is_head_node"]
     with pytest.raises(urllib.error.HTTPError) as refused:  # token auth is on
         nodes(dashboard, secrets.token_hex(32))
     assert refused.value.code in (401, 403)
 
-    # 2 workers x 1 CPU: the head has none, so the job can only run on a node the autoscaler adds.
+    # 2 workers x 1 CPU: the head has none, so the job can only run on a node the autoscaler
+    # adds; both fit on one (2 CPUs). Epochs of a few seconds, 3 of them: the node is lost
+    # after epoch 1's checkpoint, before the last one's.
     storage = tmp_path / "results"
-    job = submit_job(
-        dashboard, env, "python", "jobs/train.py", "--config", "jobs/configs/fashion_small.yaml",
-        f"data.path={fashion_mnist_dir}", "data.train_subset=2048",
-        "data.num_workers=1", "eval.val_subset=256", "optim.epochs=1", "model.width=8",
-        f"run.storage_path={storage}", "run.name=fake-cluster", "run.num_workers=2",
-        "run.cpus_per_worker=1")
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    job_ended = time.time()
-    printed = re.search(r"last checkpoint:\s+(\S+)", job.stdout)
-    assert printed and Path(printed.group(1)).is_relative_to(storage), job.stdout[-3000:]
-    assert load_checkpoint(printed.group(1))["epoch"] == 1
+    run = storage / "fake-cluster"
+    submit_job(dashboard, env, "node-loss", "python", "jobs/train.py",
+               "--config", "jobs/configs/fashion_small.yaml", f"data.path={fashion_mnist_dir}",
+               "data.train_subset=2048", "data.batch_size=32", "data.num_workers=1",
+               "eval.val_subset=256", "optim.epochs=3", "model.width=8",
+               f"run.storage_path={storage}", "run.name=fake-cluster", "run.num_workers=2",
+               "run.cpus_per_worker=1", "run.max_failures=1",
+               "run.num_to_keep=10")  # keeps every epoch's checkpoint: a redone one would show
+
+    def ended() -> tuple[str, str] | None:
+        return job_ended(dashboard, token, "node-loss")
+
+    def while_running(predicate):
+        def check():  # fails at once when the job ends before `predicate` holds
+            value = predicate()
+            if not value and (end := ended()):
+                raise AssertionError(f"the job ended early ({end[0]}): {end[1][-5000:]}")
+            return value
+        return check
+
+    def alive_workers() -> list[dict]:
+        alive = [w for w in train_workers(dashboard, token) if w["state"] == "ALIVE"]
+        return alive if len(alive) == 2 else []
+
+    alive = wait_for(while_running(alive_workers), 300, "2 training workers")
+    [lost] = {w["node_id"] for w in alive}  # both on the one node the autoscaler added
+    assert lost != head["node_id"]
+    wait_for(while_running(lambda: complete_epochs(run)), 300, "epoch 1's checkpoint", every=0.5)
+    lost_at = time.time()
+    lose_node(lost, env["RAYMOLL_TEST_CLUSTER"])
+    before = complete_epochs(run)
+    assert before in ([1], [1, 2]), before  # lost mid-epoch, with an epoch still to train
+
+    status, output = wait_for(ended, 400, "the job to end")
+    assert status == "SUCCEEDED", output[-5000:]
+    printed = re.search(r"last checkpoint:\s+(\S+)", output)
+    assert printed and Path(printed.group(1)).is_relative_to(storage), output[-3000:]
+    last = Path(printed.group(1))
+    assert load_checkpoint(last)["epoch"] == 3
+    # Resumed from the newest checkpoint: each epoch trained (and saved) once.
+    assert complete_epochs(run) == [1, 2, 3]
+    # ... on a node the autoscaler added after the loss.
+    started = {n["node_id"]: n["start_time_ms"] / 1000 for n in nodes(dashboard, token)}
+    resumed_on = {w["node_id"] for w in train_workers(dashboard, token)} - {lost}
+    assert resumed_on and all(started[node] > lost_at for node in resumed_on), resumed_on
 
     def workers_if_all_removed() -> list[dict]:
         workers = [n for n in nodes(dashboard, token) if not n["is_head_node"]]
         return workers if all(n["state"] == "DEAD" for n in workers) else []
 
     workers = wait_for(workers_if_all_removed, IDLE_TIMEOUT_MINUTES * 60 + 120,
-                       "a worker node that was added and then removed")
+                       "every worker node removed")
+    assert {n["node_id"] for n in workers} >= {lost} | resumed_on
+    saved = (last / CHECKPOINT_FILE).stat().st_mtime  # the run's last work
     for node in workers:
         assert {k: node["resources_total"].get(k, 0) for k in ("CPU", "GPU")} in FAKE_RESOURCES.values()
-        # Removed once idle, not lost while working: it outlived the job (Ray's status text
-        # says so too, but its wording is not an interface).
-        assert node["end_time_ms"] / 1000 > job_ended
+        # The lost node died with the run unfinished; the others outlived their work, removed
+        # once idle (Ray's status text says so too, but its wording is not an interface).
+        if node["node_id"] == lost:
+            assert lost_at < node["end_time_ms"] / 1000 < saved
+        else:
+            assert node["end_time_ms"] / 1000 > saved
