@@ -1,7 +1,10 @@
 """Live tracking with the real clients, offline: a 2-epoch `raymoll train` per tracker on a
-real local Ray, read back with TensorBoard's event reader, MlflowClient on a sqlite store, and
+real local Ray (the three at once), read back with TensorBoard's event reader, MlflowClient on a sqlite store, and
 W&B's offline run folder; a 2-trial `raymoll tune` logged by Tune's MLflow callback."""
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,8 @@ from raymoll.cli import main
 from raymoll.config import ConfigError, load_config, to_dict
 from raymoll.tracking import flat_params, log_evaluation
 
-CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "jobs" / "configs"
 TINY = ["optim.epochs=2", "data.train_subset=1024", "eval.val_subset=128", "data.batch_size=64",
         "model.width=8", "data.num_workers=1"]
 LOGGED = ("train_loss", "clean_accuracy", "val_score")
@@ -42,14 +46,45 @@ def wandb_history(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _train(data_dir, storage, tracker, *extra) -> dict[int, dict]:
-    """`raymoll train` with `tracker`; returns {epoch: metrics} from its checkpoints."""
-    args = TINY + [f"data.path={data_dir}", f"run.storage_path={storage}", "run.name=tracked",
-                   f"run.tracker={tracker}", *extra]
-    assert main(["train", "--config", str(CONFIGS / "fashion_small.yaml"), *args]) == 0
-    states = [load_checkpoint(p) for p in Path(storage, "tracked").glob("checkpoint_*")
-              if p.is_dir()]
-    return {state["epoch"]: state["metrics"] for state in states}
+TRACKED = {  # tracker -> its extra settings; run.tracker_uri is a path under the run's folder
+    "tensorboard": [],
+    "mlflow": ["run.tracker_project=exp", "optim.lr=0.02"],
+    "wandb": [],
+}
+
+
+def _tracker_uri(tracker: str, folder: Path) -> str:
+    return {"tensorboard": str(folder / "tb"), "mlflow": f"sqlite:///{folder}/mlflow.db",
+            "wandb": str(folder / "wandb-runs")}[tracker]
+
+
+@pytest.fixture(scope="module")
+def tracked(ray_local, fashion_mnist_dir, tmp_path_factory):
+    """A 2-epoch `raymoll train` per tracker, the three at once: each a CLI process attached to
+    the session's Ray (each run's start-up is mostly waiting, so together they take little more
+    than one). Returns {tracker: (its folder, {epoch: metrics} from its checkpoints)}."""
+    env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+                        "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT),
+                        "WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # reach the workers
+    runs = {}
+    for tracker, extra in TRACKED.items():
+        folder = tmp_path_factory.mktemp(tracker)
+        args = TINY + [f"data.path={fashion_mnist_dir}", f"run.storage_path={folder}",
+                       "run.name=tracked", "run.cpus_per_worker=0.5", f"run.tracker={tracker}",
+                       f"run.tracker_uri={_tracker_uri(tracker, folder)}", *extra]
+        log = (folder / "driver.log").open("w")
+        runs[tracker] = folder, subprocess.Popen(
+            [sys.executable, "-m", "raymoll.cli", "train", "--config",
+             str(CONFIGS / "fashion_small.yaml"), *args], env=env, stdout=log,
+            stderr=subprocess.STDOUT)
+    out = {}
+    for tracker, (folder, process) in runs.items():
+        assert process.wait(timeout=600) == 0, (folder / "driver.log").read_text()[-3000:]
+        states = [load_checkpoint(p) for p in (folder / "tracked").glob("checkpoint_*")
+                  if p.is_dir()]
+        out[tracker] = folder, {state["epoch"]: state["metrics"] for state in states}
+        assert sorted(out[tracker][1]) == [1, 2]
+    return out
 
 
 def test_flat_params_and_an_unknown_tracker():
@@ -78,11 +113,10 @@ def test_final_evaluation_headline_is_logged(tmp_path):
 
 
 @pytest.mark.ray
-def test_tensorboard_event_files_hold_every_epoch(ray_local, fashion_mnist_dir, tmp_path):
+def test_tensorboard_event_files_hold_every_epoch(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    logs = tmp_path / "tb"
-    metrics = _train(fashion_mnist_dir, tmp_path, "tensorboard", f"run.tracker_uri={logs}")
-    events = EventAccumulator(str(logs))
+    folder, metrics = tracked["tensorboard"]
+    events = EventAccumulator(_tracker_uri("tensorboard", folder))
     events.Reload()
     for key in LOGGED:
         logged = {e.step: e.value for e in events.Scalars(key)}
@@ -91,12 +125,10 @@ def test_tensorboard_event_files_hold_every_epoch(ray_local, fashion_mnist_dir, 
 
 
 @pytest.mark.ray
-def test_mlflow_run_holds_params_and_every_epoch(ray_local, fashion_mnist_dir, tmp_path):
+def test_mlflow_run_holds_params_and_every_epoch(tracked):
     from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    metrics = _train(fashion_mnist_dir, tmp_path, "mlflow", f"run.tracker_uri={uri}",
-                     "run.tracker_project=exp", "optim.lr=0.02")
-    client = MlflowClient(uri)
+    folder, metrics = tracked["mlflow"]
+    client = MlflowClient(_tracker_uri("mlflow", folder))
     (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
     assert run.data.params["optim.lr"] == "0.02" and run.data.params["run.tracker"] == "mlflow"
     for key in LOGGED:
@@ -105,13 +137,9 @@ def test_mlflow_run_holds_params_and_every_epoch(ray_local, fashion_mnist_dir, t
 
 
 @pytest.mark.ray
-def test_wandb_offline_run_folder_holds_the_metrics(ray_local, fashion_mnist_dir, tmp_path,
-                                                    monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")  # forwarded to the workers (tracker_env)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    folder = tmp_path / "wandb-runs"
-    metrics = _train(fashion_mnist_dir, tmp_path, "wandb", f"run.tracker_uri={folder}")
-    (run_file,) = folder.glob("wandb/offline-run-*/run-*.wandb")
+def test_wandb_offline_run_folder_holds_the_metrics(tracked):
+    folder, metrics = tracked["wandb"]
+    (run_file,) = Path(_tracker_uri("wandb", folder)).glob("wandb/offline-run-*/run-*.wandb")
     history = {int(h["_step"]): h for h in wandb_history(run_file)}
     for epoch, m in metrics.items():
         assert float(history[epoch]["clean_accuracy"]) == pytest.approx(m["clean_accuracy"])
