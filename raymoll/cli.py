@@ -9,10 +9,11 @@ import argparse
 import os
 import sys
 
-from raymoll.config import Config, help_text, load_config
+from raymoll.config import help_text, load_config
 from raymoll.errors import RaymollError
 from raymoll.io import check_writable_folder
-from raymoll.preflight import check_study, check_train, check_tune
+from raymoll.preflight import (EVALUATION_RUNNERS, check_evaluate, check_study, check_train,
+                               check_tune)
 
 
 class TrainingFailed(RaymollError):
@@ -30,15 +31,9 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def _check_data_files(cfg: Config) -> None:
-    """The .beton files against meta.json (FFCV's reader, hashes): after the fast checks of
-    raymoll.preflight, still before Ray starts."""
-
-
 def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on a bad value
     check_train(cfg)
-    _check_data_files(cfg)
     from raymoll.run_folder import claim_run_folder
     claim_run_folder(cfg, restart=args.restart)  # same name, other settings: refused here
     import ray.train
@@ -55,6 +50,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    check_evaluate(args.data, args.severities, args.device, args.batch_size, args.subset,
+                   args.runner, args.checkpoint, args.model)  # before torch loads (seconds)
     from raymoll.evaluate import evaluate
     out = evaluate(args.checkpoint, args.data, corruptions_dir=args.corruptions, out=args.out,
                    severities=args.severities, seed=args.seed, batch_size=args.batch_size,
@@ -66,7 +63,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     check_tune(cfg, resume=args.resume)
-    _check_data_files(cfg)
     from raymoll.tune import run_search
     from raymoll.runtime import check_resources, init_ray
     from raymoll.train.trainer import worker_resources
@@ -78,7 +74,6 @@ def _tune(args: argparse.Namespace) -> None:
 def _study(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     check_study(cfg, resume=args.resume)  # every cell, the data, the storage: before Ray
-    _check_data_files(cfg)
     from raymoll.study import run_study
     from raymoll.runtime import init_ray
     init_ray()
@@ -179,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run name in the table (default: from checkpoint)")
     p.add_argument("--subset", type=int, default=0,
                    help="score only the first N test images of each set (0 = all)")
-    p.add_argument("--runner", choices=("local", "ray"), default=None,
+    p.add_argument("--runner", choices=EVALUATION_RUNNERS, default=None,
                    help="score the sets in this process (local) or on a Ray actor pool (ray); "
                    "default: ray when a Ray cluster with GPUs is attached, else local")
     p.add_argument("--weights", default="selected",

@@ -24,9 +24,9 @@ import pandas as pd
 from raymoll.corruptions import CORRUPTIONS
 from raymoll.errors import RaymollError
 from raymoll.io import atomic_path, atomic_write, check_writable
+from raymoll.preflight import SEVERITIES
 from raymoll.results import read_results, run_settings
 
-SEVERITIES = (1, 2, 3, 4, 5)
 RESULTS_CSV = "unaggregated_results.csv"
 
 

@@ -9,7 +9,9 @@ Ray.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Sequence
 
 from raymoll.config import Config, ConfigError
 from raymoll.errors import RaymollError
@@ -18,6 +20,9 @@ from raymoll.io import absolute, check_writable_folder, is_file, join
 META_FILE = "meta.json"
 TUNER_STATE = "tuner.pkl"  # the file Ray Tune's Tuner.can_restore looks for
 HINT = "create it with `raymoll prepare --dataset NAME --out DIR`"
+SEVERITIES = (1, 2, 3, 4, 5)  # of every common corruption
+EVALUATION_RUNNERS = ("local", "ray")  # raymoll.evaluation.runners
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
 META_KEYS = ("dataset", "num_classes", "class_names", "image_size", "variable_size", "mean",
              "std", "counts", "val", "fields", "files")
 
@@ -155,4 +160,39 @@ def check_tune(cfg: Config, resume: bool) -> dict:
         check_run_config(apply_point(cfg, point), meta, where=f"tune.space at {point}: ")
     check_storage(cfg)
     check_search_state(join(absolute(cfg.run.storage_path), cfg.run.name), resume)
+    return meta
+
+
+class EvaluateError(RaymollError):
+    """Bad arguments to `evaluate` (severities, sizes, device, runner, model, output path)."""
+
+
+def check_evaluate(data_dir: str | Path, severities: Sequence[int], device: str | None,
+                   batch_size: int, subset: int, runner: str | None,
+                   checkpoint: object, model: str | None) -> dict:
+    """Everything `raymoll evaluate` can check before torch loads: the arguments and the data
+    folder's meta.json (the subset against its test split); returns meta.json."""
+    if not severities or len(set(severities)) != len(severities) \
+            or any(s not in SEVERITIES for s in severities):
+        raise EvaluateError(f"severities must be distinct values from 1 to 5, got "
+                            f"{list(severities)}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise EvaluateError(f"--batch-size must be a positive number of images, got "
+                            f"{batch_size!r}.")
+    if not isinstance(subset, int) or subset < 0:
+        raise EvaluateError(f"--subset must be 0 (every test image) or a positive number of "
+                            f"images, got {subset!r}.")
+    if runner is not None and runner not in EVALUATION_RUNNERS:
+        raise EvaluateError(f"--runner must be one of {', '.join(EVALUATION_RUNNERS)}, got "
+                            f"{runner!r}.")
+    if device is not None and not _DEVICE.fullmatch(device):
+        raise EvaluateError(f"device {device!r} is not a torch device; use cpu or cuda "
+                            f"(or cuda:N).")
+    if (checkpoint is None) == (model is None):
+        raise EvaluateError("give either a raymoll checkpoint (--checkpoint) or another "
+                            "model (--model SPEC), not both or neither.")
+    meta = read_meta_file(data_dir)
+    if subset > meta["counts"]["test"]:
+        raise EvaluateError(f"--subset {subset} is more than the {meta['counts']['test']} test "
+                            f"images of {str(data_dir)!r}; use 0 for all of them.")
     return meta

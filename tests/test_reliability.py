@@ -151,6 +151,10 @@ BAD_ARGUMENTS = [
     ["prepare", "--dataset", "nosuch", "--out", "/tmp/x"],
     ["prepare", "--dataset", "synthetic", "--out", "/proc/version"],
     ["report", "/nonexistent.parquet", "--out", "/proc/version"],
+    ["evaluate", "--data", "/nonexistent/data", "--checkpoint", "ckpt"],
+    ["evaluate", "--data", "/tmp", "--checkpoint", "ckpt", "--subset", "-5"],
+    ["evaluate", "--data", "/tmp", "--checkpoint", "ckpt", "--batch-size", "0"],
+    ["evaluate", "--data", "/tmp", "--checkpoint", "ckpt", "--device", "gpu"],
 ]
 
 

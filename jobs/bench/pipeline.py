@@ -12,8 +12,9 @@ Each timed epoch covers the first --subset training images; the paths alternate 
 rounds so that load from other processes hits both alike.
 
     PYTHONPATH=. python jobs/bench/pipeline.py --device cpu    # smallcnn, batch 256
+    PYTHONPATH=. python jobs/bench/pipeline.py --device cpu --augment fcr  # crop + flip only
     PYTHONPATH=. python jobs/bench/pipeline.py --device cuda   # preactresnet18, batch 512, bf16
-Target: real / in-memory >= 0.9.
+Target: real / in-memory >= 0.9 with fcr + trivialaugment.
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="training images per timed epoch; default: 10240 cpu, 51200 cuda")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed epochs of each")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of the step")
+    parser.add_argument("--augment", nargs="+", default=["fcr", "trivialaugment"], metavar="OP",
+                        help="data.augment of the real path (default: fcr trivialaugment, what "
+                        "every ablation of the paper trains with)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     defaults = DEFAULTS[device.type]
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = read_meta(args.data)
     cfg = Config()
     cfg.model.name = model
+    cfg.data.augment = args.augment
 
     loader = make_loader(args.data, "train", batch, device, train=True,
                          num_workers=cfg.data.num_workers, subset=subset,

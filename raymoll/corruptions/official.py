@@ -14,8 +14,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from raymoll.errors import RaymollError
+from raymoll.preflight import SEVERITIES
 
-SEVERITIES = (1, 2, 3, 4, 5)
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
@@ -109,7 +109,7 @@ def _read_npy(root: Path, name: str, severity: int) -> tuple[torch.Tensor, torch
         raise CorruptionFilesError(f"{root / 'labels.npy'} has {len(labels)} labels; expected {len(data)} "
                                    f"(one per image of {name}.npy) or {n} (one per image of a severity).")
     images = torch.from_numpy(np.array(data[block])).permute(0, 3, 1, 2).contiguous()
-    return images, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return images, torch.from_numpy(np.array(labels, dtype=np.int64))
 
 
 def _read_tree(root: Path, name: str, severity: int, class_names: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:

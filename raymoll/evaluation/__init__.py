@@ -24,39 +24,16 @@ from raymoll.data import load_split, normalizer, read_meta
 from raymoll.errors import RaymollError
 from raymoll.evaluation.external import (check_output, check_spec, input_normalizer,
                                         load_external)
-from raymoll.evaluation.runners import RUNNERS, LocalRunner, RayRunner, choose_runner
-from raymoll.evaluation.sets import SEVERITIES, EvalSet, eval_sets, official_source, set_seed
+from raymoll.evaluation.runners import LocalRunner, RayRunner, choose_runner
+from raymoll.evaluation.sets import EvalSet, eval_sets, official_source, set_seed
 from raymoll.metrics import MetricAccumulator
 from raymoll.io import check_writable, exists, is_file, is_uri, join
+from raymoll.preflight import EVALUATION_RUNNERS as RUNNERS
+from raymoll.preflight import SEVERITIES, EvaluateError, check_evaluate
 from raymoll.results import write_results
 
 __all__ = ["EvaluateError", "EvalSet", "RUNNERS", "SEVERITIES", "eval_sets", "evaluate",
            "set_seed"]
-
-
-class EvaluateError(RaymollError):
-    """Bad arguments to `evaluate` (severities, sizes, device, runner, output path)."""
-
-
-def _check_args(severities: Sequence[int], device: str | None, batch_size: int, subset: int,
-                runner: str | None) -> torch.device | None:
-    """Raise on bad severities, sizes, runner or device name; returns the device (None: auto)."""
-    if not severities or len(set(severities)) != len(severities) \
-            or any(s not in SEVERITIES for s in severities):
-        raise EvaluateError(f"severities must be distinct values from 1 to 5, got "
-                            f"{list(severities)}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise EvaluateError(f"--batch-size must be a positive number of images, got "
-                            f"{batch_size!r}.")
-    if not isinstance(subset, int) or subset < 0:
-        raise EvaluateError(f"--subset must be 0 (every test image) or a positive number of "
-                            f"images, got {subset!r}.")
-    if runner is not None and runner not in RUNNERS:
-        raise EvaluateError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}.")
-    try:
-        return torch.device(device) if device else None
-    except RuntimeError:
-        raise EvaluateError(f"device {device!r} is not a torch device; use cpu or cuda.") from None
 
 
 def _local_device(device: torch.device | None) -> torch.device:
@@ -134,14 +111,9 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
     size, weights) or -C folder, or an unwritable `out`, raises and leaves `out` untouched.
     """
     severities = list(severities)
-    device = _check_args(severities, device, batch_size, subset, runner)
-    meta = read_meta(data_dir)
-    if subset > meta["counts"]["test"]:
-        raise EvaluateError(f"--subset {subset} is more than the {meta['counts']['test']} test "
-                            f"images of {str(data_dir)!r}; use 0 for all of them.")
-    if (checkpoint is None) == (model is None):
-        raise EvaluateError("give either a raymoll checkpoint (--checkpoint) or another "
-                            "model (--model SPEC), not both or neither.")
+    check_evaluate(data_dir, severities, device, batch_size, subset, runner, checkpoint, model)
+    meta = read_meta(data_dir)  # the .beton files too
+    device = torch.device(device) if device else None
     if model is not None:
         check_spec(model, input)
         model_spec, net = model, None

@@ -18,7 +18,6 @@ from raymoll.evaluation.scoring import SetScorer
 from raymoll.evaluation.sets import EvalSet, OfficialSource
 from raymoll.metrics import MetricAccumulator
 
-RUNNERS = ("local", "ray")
 GPU_SHARE = 0.25
 
 Scored = Iterator[tuple[EvalSet, MetricAccumulator, "MetricAccumulator | None"]]

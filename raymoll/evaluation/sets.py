@@ -17,8 +17,8 @@ import torch
 
 from raymoll.corruptions import CORRUPTIONS, FAMILIES, VALIDATION_CORRUPTIONS
 from raymoll.corruptions.official import check_corruptions_dir, read_corrupted
+from raymoll.preflight import SEVERITIES
 
-SEVERITIES = (1, 2, 3, 4, 5)
 
 
 @dataclass(frozen=True)

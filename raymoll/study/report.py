@@ -27,8 +27,7 @@ from raymoll.report import TEST_FAMILIES, _save
 STUDY_KEY = b"raymoll_study"  # schema metadata of study.parquet: the study section, the axes
 BOOTSTRAP_SEED = 0
 METRICS = ("accuracy", "nll", "ece", "nll_ts", "ece_ts")  # those present in the table are used
-LOWER_IS_BETTER = ("nll", "ece")
-FIGURE_METRICS = ("corrupted_accuracy", "corrupted_nll", "corrupted_ece")
+FIGURE_METRICS = ("corrupted_accuracy", "corrupted_nll", "corrupted_ece", "corrupted_ece_ts")
 GROUP_AXES = ("data.augment", "augmentation")  # the figure's groups: the first axis present
 
 
@@ -132,15 +131,16 @@ def _diff_table(diffs: pd.DataFrame, axes: Sequence[str], metrics: Sequence[str]
 
 def figure(runs: pd.DataFrame, axes: Sequence[str], path: Path) -> None:
     """Figure 5 of the paper: one group per augmentation (or the first non-method axis), one
-    bar per method, panels corrupted accuracy / NLL / ECE; error bars = std over the runs
-    (seeds, and any further axis) of the bar."""
+    bar per method, panels corrupted accuracy / NLL / ECE (and ECE after temperature scaling,
+    when the table has it); error bars = std over the runs (seeds, and any further axis)."""
     others = [a for a in axes if a != "method"]
     group = next((a for a in GROUP_AXES if a in others), others[0] if others else None)
     groups = list(dict.fromkeys(runs[group])) if group else [""]
     methods = list(dict.fromkeys(runs["method"]))
-    fig = Figure(figsize=(4.5 * len(FIGURE_METRICS), 4.2))
+    metrics = [m for m in FIGURE_METRICS if m in runs]
+    fig = Figure(figsize=(4.5 * len(metrics), 4.2))
     width = 0.8 / len(methods)
-    for ax, metric in zip(fig.subplots(1, len(FIGURE_METRICS)), FIGURE_METRICS):
+    for ax, metric in zip(fig.subplots(1, len(metrics)), metrics):
         for k, method in enumerate(methods):
             chosen = [runs[(runs["method"] == method) & ((runs[group] == g) if group else True)]
                       [metric] for g in groups]
@@ -150,7 +150,10 @@ def figure(runs: pd.DataFrame, axes: Sequence[str], path: Path) -> None:
                    yerr=[c.std(ddof=1) * scale if len(c) > 1 else 0 for c in chosen],
                    capsize=3, label=method)
         ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=20, ha="right")
-        ax.set_title(metric.replace("_", " ") + (" (%)" if "accuracy" in metric else ""))
+        name = metric.removeprefix("corrupted_").removesuffix("_ts")
+        ax.set_title("corrupted " + {"accuracy": "accuracy (%)", "nll": "NLL (nats)",
+                                     "ece": "ECE"}[name]
+                     + (", temperature-scaled" if metric.endswith("_ts") else ""))
         ax.grid(axis="y", alpha=0.3)
         if "accuracy" in metric:
             low = min(p.get_height() for p in ax.patches)
