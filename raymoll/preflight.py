@@ -2,9 +2,9 @@
 heavy imports (torch, FFCV, numba) and before Ray starts, so a bad argument fails in about a
 second instead of after a cluster start-up or an epoch.
 
-Pure Python plus PyYAML (pyarrow.fs only for URI paths, through raymoll.io). What needs the data files themselves
-(sizes, hashes, FFCV's structure) is `raymoll.data.read_meta`, run after this and still before
-Ray.
+Pure Python plus PyYAML (pyarrow.fs only for URI paths, through raymoll.io). What needs the
+data files themselves (sizes, hashes, FFCV's structure) is `raymoll.data.read_meta`, run after
+this and still before Ray.
 """
 from __future__ import annotations
 

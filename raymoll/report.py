@@ -270,8 +270,8 @@ def report(results: Sequence[str | Path], out: str | Path,
            reliability: str = "raw") -> Path | str:
     """Write the PNGs of PLOTS and summary.md for the results files (local or URIs) into the
     folder `out` (local or a URI prefix); returns the path of summary.md. reliability: draw
-    reliability.png of the raw ("raw") or the temperature-scaled ("ts") predictions. Raises ResultsError, before writing anything, on a
-    bad file or option."""
+    reliability.png of the raw ("raw") or the temperature-scaled ("ts") predictions. Raises
+    ResultsError, before writing anything, on a bad file or option."""
     if reliability not in RELIABILITY:
         raise ResultsError(f"reliability must be one of {', '.join(RELIABILITY)}, got "
                            f"{reliability!r}.")

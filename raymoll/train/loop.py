@@ -107,7 +107,8 @@ class FaultDrill:
         (Ray's StorageContext: a local folder or a URI such as s3://)."""
         fs = storage.storage_filesystem
         marker = f"{storage.experiment_fs_path}/fault_drill_done"
-        if epoch + 1 != self.epoch or fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
+        if epoch + 1 != self.epoch \
+                or fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
             return loader
         return _FailingLoader(loader, self, fs, marker)
 
