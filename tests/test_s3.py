@@ -66,6 +66,23 @@ def test_unwritable_s3_targets_are_refused_up_front(s3_bucket):
     assert _objects(s3_bucket, "io/prefix") == {"io/prefix/x.txt": b"x"}  # probes are gone
 
 
+def test_checkpoints_load_from_s3_folders_and_files(s3_bucket):
+    from raymoll.checkpoint import CheckpointError, load_checkpoint
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "config": {}, "meta": {}, "epoch": 3}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    folder = f"s3://{s3_bucket}/ckpt/run/checkpoint_000"
+    atomic_write(f"{folder}/checkpoint.pt", buffer.getvalue())
+    for path in (folder, f"{folder}/checkpoint.pt"):
+        loaded = load_checkpoint(path)
+        assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+    with pytest.raises(CheckpointError, match="no raymoll checkpoint"):
+        load_checkpoint(f"s3://{s3_bucket}/ckpt/run/checkpoint_001")
+    atomic_write(f"s3://{s3_bucket}/ckpt/bad/checkpoint.pt", b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(f"s3://{s3_bucket}/ckpt/bad")
+
+
 def test_exception_mid_write_leaves_the_final_key_unchanged(s3_bucket):
     uri = f"s3://{s3_bucket}/atomic/exception.bin"
     atomic_write(uri, b"old")
