@@ -9,6 +9,7 @@ a run reseeds every stream each epoch from (run.seed, rank, epoch), see raymoll.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from raymoll.models import build_model
 from raymoll.errors import RaymollError
-from raymoll.io import atomic_path
+from raymoll.io import StorageError, atomic_path, is_file, is_uri, join, read_bytes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -35,14 +36,24 @@ def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file, or the checkpoint.pt inside a folder."""
-    path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not file.is_file():
+    """Read a checkpoint file, or the checkpoint.pt inside a folder; local or a URI
+    (s3://bucket/run/checkpoint_..., read through raymoll.io)."""
+    if is_uri(path):
+        path = str(path)
+        file = path if is_file(path) else join(path, CHECKPOINT_FILE)
+        found = is_file(file)
+    else:
+        path = Path(path)
+        file = path / CHECKPOINT_FILE if path.is_dir() else path
+        found = file.is_file()
+    if not found:
         raise CheckpointError(f"no raymoll checkpoint at {str(path)!r}: expected a folder with "
                               f"{CHECKPOINT_FILE} (as `raymoll train` prints) or that file.")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        source = io.BytesIO(read_bytes(file)) if is_uri(file) else file
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except StorageError:
+        raise
     except Exception as err:  # torch raises many types for a damaged file
         raise CheckpointError(f"{str(file)!r} is not a readable raymoll checkpoint: "
                               f"{err}") from None

@@ -17,6 +17,11 @@ never half of one, and an error (or a kill) mid-write leaves the old file as it 
 
 `check_writable` answers "could this be written?" before any expensive work, and
 `remove_stale_temporaries` deletes the temporaries of processes that died mid-write.
+
+It is also the one place that turns a path into a file system: `filesystem`, `exists`,
+`is_file`, `read_bytes`/`read_text`, `read_parquet`/`write_parquet` take local paths and URIs
+alike (for S3, the endpoint and credentials come from the usual AWS_* environment variables,
+see the README). Local paths never import pyarrow.fs, so the up-front checks stay fast.
 """
 from __future__ import annotations
 
@@ -36,7 +41,11 @@ _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?:(?P<host>[A-Za-z0-9]+)-)?(?P<pid>\d+)$")
 
 
-class WriteError(RaymollError):
+class StorageError(RaymollError):
+    """A path or URI that cannot be reached or read (no such file, bucket or endpoint, ...)."""
+
+
+class WriteError(StorageError):
     """A target that cannot be written (read-only, its parent is a file, no such bucket, ...)."""
 
 
@@ -45,17 +54,109 @@ def is_uri(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """An absolute local path, or the URI unchanged (s3://bucket/prefix): Ray's storage wants
+    one, and Ray workers do not share the driver's working directory."""
+    return str(path) if is_uri(path) else os.path.abspath(path)
+
+
+def join(path: str | os.PathLike, name: str) -> str:
+    """`path`/`name` for a local path or a URI, keeping a URI's query (?endpoint_override=...)."""
+    base, query = str(path).partition("?")[::2]
+    return base.rstrip("/") + "/" + name + (f"?{query}" if query else "")
+
+
+def with_scheme(inner: str, like: str | os.PathLike) -> str:
+    """Ray and pyarrow name files by their path inside a file system ("bucket/prefix/x"): that
+    path as a URI of `like`'s scheme ("s3://bucket/prefix/x"); unchanged for local storage."""
+    like = str(like)
+    return f"{like.split('://')[0]}://{inner}" if is_uri(like) and not is_uri(inner) else inner
+
+
+def filesystem(path: str | os.PathLike):
+    """(pyarrow FileSystem, the path inside it) for a local path or a URI; raises StorageError
+    for a URI pyarrow cannot open (unknown scheme, bad endpoint, ...)."""
+    import pyarrow.fs
+    if not is_uri(path):
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+    try:
+        return pyarrow.fs.FileSystem.from_uri(str(path))
+    except (pyarrow.ArrowInvalid, OSError) as err:
+        raise StorageError(f"cannot open {str(path)!r}: {err}") from None
+
+
+def _file_type(path: str | os.PathLike):
+    fs, inner = filesystem(path)
+    try:
+        return fs.get_file_info(inner).type
+    except OSError as err:  # e.g. the endpoint does not answer, access denied
+        raise StorageError(f"cannot reach {str(path)!r}: {err}") from None
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether a file or folder (a URI: an object or a prefix) is at `path`."""
+    if not is_uri(path):
+        return os.path.exists(path)
+    import pyarrow.fs
+    return _file_type(path) != pyarrow.fs.FileType.NotFound
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    """Whether a file (a URI: an object) is at `path`."""
+    if not is_uri(path):
+        return os.path.isfile(path)
+    import pyarrow.fs
+    return _file_type(path) == pyarrow.fs.FileType.File
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file at `path` (local or URI); StorageError when it cannot be read."""
+    try:
+        if not is_uri(path):
+            return Path(path).read_bytes()
+        fs, inner = filesystem(path)
+        with fs.open_input_stream(inner) as stream:
+            return stream.read()
+    except OSError as err:  # FileNotFoundError, IsADirectoryError, permissions, the network
+        reason = err.strerror or str(err)
+        raise StorageError(f"cannot read {str(path)!r}: {reason}") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text file at `path` (local or URI); StorageError when it cannot be read."""
+    data = read_bytes(path)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise StorageError(f"{str(path)!r} is not UTF-8 text ({err}).") from None
+
+
+def read_parquet(path: str | os.PathLike):
+    """The Parquet file at `path` (local or URI) as a pyarrow Table; raises StorageError when
+    it cannot be read and pyarrow.ArrowInvalid when it is not Parquet."""
+    import pyarrow.parquet as pq
+    fs, inner = filesystem(path)
+    try:
+        return pq.read_table(inner, filesystem=fs)
+    except FileNotFoundError:
+        raise StorageError(f"cannot read {str(path)!r}: no such file.") from None
+
+
+def write_parquet(target: str | os.PathLike, table) -> str:
+    """Write `table` (a pyarrow Table or a pandas DataFrame, whose index is dropped) as
+    Parquet to `target` (local or URI) atomically; returns `target`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    with atomic_path(target) as temporary:
+        pq.write_table(table, temporary)
+    return str(target)
+
+
 def temporary_name(name: str) -> str:
     """The hidden temporary file name of this process for a target called `name`."""
     return f".{name}.tmp-{_HOST}-{os.getpid()}"
-
-
-def _split_uri(target: str):
-    import pyarrow.fs  # only URI targets need pyarrow's file systems
-    try:
-        return pyarrow.fs.FileSystem.from_uri(target)
-    except (pyarrow.ArrowInvalid, OSError) as err:
-        raise WriteError(f"cannot write to {target!r}: {err}") from None
 
 
 def _check_local(target: Path) -> None:
@@ -80,8 +181,12 @@ def _check_local(target: Path) -> None:
 
 def _check_uri(target: str) -> None:
     import pyarrow.fs
-    fs, where = _split_uri(target)
-    if fs.get_file_info(where).type == pyarrow.fs.FileType.Directory:
+    try:
+        fs, where = filesystem(target)
+        kind = fs.get_file_info(where).type
+    except (StorageError, OSError) as err:
+        raise WriteError(f"cannot write {target!r}: {err}") from None
+    if kind == pyarrow.fs.FileType.Directory:
         raise WriteError(f"cannot write the file {target!r}: it is a folder (prefix).")
     probe = f"{where.rsplit('/', 1)[0]}/{temporary_name('probe')}" if "/" in where else None
     if probe is None:
@@ -159,7 +264,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def _upload(local: Path, target: str) -> None:
-    fs, where = _split_uri(target)
+    fs, where = filesystem(target)
     parent, _, name = where.rpartition("/")
     temporary = f"{parent}/{temporary_name(name)}" if parent else temporary_name(name)
     try:

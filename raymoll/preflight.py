@@ -2,21 +2,20 @@
 heavy imports (torch, FFCV, numba) and before Ray starts, so a bad argument fails in about a
 second instead of after a cluster start-up or an epoch.
 
-Pure Python plus PyYAML (pyarrow.fs only for URI paths). What needs the data files themselves
-(sizes, hashes, FFCV's structure) is `raymoll.data.read_meta`, run after this and still before
-Ray.
+Pure Python plus PyYAML (pyarrow.fs only for URI paths, through raymoll.io). What needs the
+data files themselves (sizes, hashes, FFCV's structure) is `raymoll.data.read_meta`, run after
+this and still before Ray.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Sequence
 
 from raymoll.config import Config, ConfigError
 from raymoll.errors import RaymollError
-from raymoll.io import check_writable_folder, is_uri
+from raymoll.io import absolute, check_writable_folder, is_file, join
 
 META_FILE = "meta.json"
 TUNER_STATE = "tuner.pkl"  # the file Ray Tune's Tuner.can_restore looks for
@@ -130,18 +129,13 @@ def check_study(cfg: Config, resume: bool) -> dict:
     for cell in cells:
         check_run_config(cell_config(cfg, cell), meta, where=f"study cell {cell.name}: ")
     check_storage(cfg)
-    path = os.path.join(cfg.run.storage_path, cfg.run.name)
-    check_search_state(path if is_uri(path) else os.path.abspath(path), resume, "study")
+    check_search_state(join(absolute(cfg.run.storage_path), cfg.run.name), resume, "study")
     return meta
 
 
 def search_exists(path: str) -> bool:
     """Whether a Ray Tune search was started at `path` (what `Tuner.can_restore` tests)."""
-    if not is_uri(path):
-        return os.path.isfile(os.path.join(path, TUNER_STATE))
-    import pyarrow.fs
-    fs, where = pyarrow.fs.FileSystem.from_uri(path)
-    return fs.get_file_info(f"{where}/{TUNER_STATE}").type != pyarrow.fs.FileType.NotFound
+    return is_file(join(path, TUNER_STATE))
 
 
 def check_search_state(path: str, resume: bool, what: str = "search") -> None:
@@ -165,8 +159,7 @@ def check_tune(cfg: Config, resume: bool) -> dict:
     for point in probe_points(cfg.tune.space):
         check_run_config(apply_point(cfg, point), meta, where=f"tune.space at {point}: ")
     check_storage(cfg)
-    path = os.path.join(cfg.run.storage_path, cfg.run.name)
-    check_search_state(path if is_uri(path) else os.path.abspath(path), resume)
+    check_search_state(join(absolute(cfg.run.storage_path), cfg.run.name), resume)
     return meta
 
 

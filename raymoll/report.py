@@ -18,7 +18,7 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from raymoll.io import atomic_path, atomic_write, check_writable_folder
+from raymoll.io import atomic_path, atomic_write, check_writable_folder, is_uri, join
 from raymoll.results import ResultsError, read_results, run_settings
 
 TEST_FAMILIES = ("noise", "blur", "weather", "digital")
@@ -104,7 +104,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 # Figures
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _save(fig: Figure, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
@@ -115,7 +115,7 @@ def _legend(fig: Figure, axes, ncol: int) -> None:
                bbox_to_anchor=(0.5, -0.02))
 
 
-def _vs_severity(runs: dict[str, list[dict]], key: str, label: str, path: Path) -> None:
+def _vs_severity(runs: dict[str, list[dict]], key: str, label: str, path: str | Path) -> None:
     """One panel per family plus "all 15 test corruptions"; x = severity (0 = clean)."""
     panels = [("all 15 test corruptions", TEST_FAMILIES)] + [(f, (f,)) for f in FAMILIES]
     fig = Figure(figsize=(13, 7.5))
@@ -155,7 +155,7 @@ def _pooled_bins(rows: list[dict], suffix: str = "") -> tuple[np.ndarray, np.nda
         return count, weighted("bin_confidence") / count, weighted("bin_accuracy") / count
 
 
-def _reliability(runs: dict[str, list[dict]], path: Path, suffix: str = "") -> None:
+def _reliability(runs: dict[str, list[dict]], path: str | Path, suffix: str = "") -> None:
     """Rows = runs, columns = clean and the pooled test corruptions at severities 3 and 5;
     suffix "_ts": of the temperature-scaled predictions."""
     present = {r["severity"] for rows in runs.values() for r in rows}
@@ -196,7 +196,7 @@ def _reliability(runs: dict[str, list[dict]], path: Path, suffix: str = "") -> N
     _save(fig, path)
 
 
-def _corruption_bars(runs: dict[str, list[dict]], path: Path) -> None:
+def _corruption_bars(runs: dict[str, list[dict]], path: str | Path) -> None:
     """Accuracy per corruption (mean over severities), runs side by side."""
     names = list(dict.fromkeys(r["corruption"] for rows in runs.values() for r in rows))
     fig = Figure(figsize=(max(10.0, 0.75 * len(names) * max(1, len(runs) / 2)), 5.0))
@@ -266,11 +266,12 @@ def _summary(table: pa.Table, files: Sequence[str]) -> str:
 RELIABILITY = ("raw", "ts")
 
 
-def report(results: Sequence[str | Path], out: str | Path, reliability: str = "raw") -> Path:
-    """Write the PNGs of PLOTS and summary.md for the results files into `out`; returns the
-    path of summary.md. reliability: draw reliability.png of the raw ("raw") or the
-    temperature-scaled ("ts") predictions. Raises ResultsError, before writing anything, on a
-    bad file or option."""
+def report(results: Sequence[str | Path], out: str | Path,
+           reliability: str = "raw") -> Path | str:
+    """Write the PNGs of PLOTS and summary.md for the results files (local or URIs) into the
+    folder `out` (local or a URI prefix); returns the path of summary.md. reliability: draw
+    reliability.png of the raw ("raw") or the temperature-scaled ("ts") predictions. Raises
+    ResultsError, before writing anything, on a bad file or option."""
     if reliability not in RELIABILITY:
         raise ResultsError(f"reliability must be one of {', '.join(RELIABILITY)}, got "
                            f"{reliability!r}.")
@@ -280,12 +281,10 @@ def report(results: Sequence[str | Path], out: str | Path, reliability: str = "r
     if len(files) == 1 and is_study(files[0]):  # written by `raymoll study`: its own report
         return study_report(files[0], out)
     table = read_results(files)
-    out = Path(out)
     runs = _by_run(table)
-    _vs_severity(runs, "accuracy", "accuracy", out / "accuracy_vs_severity.png")
-    _vs_severity(runs, "ece", "ECE", out / "ece_vs_severity.png")
-    _reliability(runs, out / "reliability.png", "_ts" if reliability == "ts" else "")
-    _corruption_bars(runs, out / "corruption_accuracy.png")
-    summary = out / "summary.md"
-    atomic_write(summary, _summary(table, files))
-    return summary
+    _vs_severity(runs, "accuracy", "accuracy", join(out, "accuracy_vs_severity.png"))
+    _vs_severity(runs, "ece", "ECE", join(out, "ece_vs_severity.png"))
+    _reliability(runs, join(out, "reliability.png"), "_ts" if reliability == "ts" else "")
+    _corruption_bars(runs, join(out, "corruption_accuracy.png"))
+    summary = atomic_write(join(out, "summary.md"), _summary(table, files))
+    return summary if is_uri(summary) else Path(summary)

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raymoll.errors import RaymollError
-from raymoll.io import atomic_path
+from raymoll.io import StorageError, is_file, is_uri, read_parquet, write_parquet
 
 METADATA_KEY = b"raymoll"
 
@@ -55,8 +54,9 @@ class ResultsError(RaymollError):
 
 
 def write_results(rows: Sequence[dict[str, Any]], metadata: dict[str, Any],
-                  path: str | Path) -> Path:
-    """Write one run's rows (dicts with the SCHEMA columns) to `path` atomically.
+                  path: str | Path) -> Path | str:
+    """Write one run's rows (dicts with the SCHEMA columns) to `path` (local or a URI)
+    atomically; returns it (a Path, or the URI as given).
 
     `metadata` holds the run's settings (JSON-serialisable); it is stored as {run: metadata}.
     """
@@ -68,18 +68,17 @@ def write_results(rows: Sequence[dict[str, Any]], metadata: dict[str, Any],
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as err:
         raise ResultsError(f"rows do not fit the results schema: {err}") from None
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps({runs.pop(): metadata})})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return Path(path)
+    write_parquet(path, table)
+    return str(path) if is_uri(path) else Path(path)
 
 
-def _read_one(path: Path) -> pa.Table:
+def _read_one(path: str | Path) -> pa.Table:
     hint = "pass files written by `raymoll evaluate`"
-    if not path.is_file():
+    if not is_file(path):
         raise ResultsError(f"results file {str(path)!r} does not exist; {hint}.")
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
+        table = read_parquet(path)
+    except (pa.ArrowInvalid, OSError, StorageError) as err:
         raise ResultsError(f"{str(path)!r} is not a Parquet file ({err}); {hint}.") from None
     metadata = table.schema.metadata or {}
     wrong = [f"{f.name} ({f.type})" for f in SCHEMA
@@ -102,7 +101,7 @@ def read_results(paths: str | Path | Sequence[str | Path]) -> pa.Table:
     if not paths:
         raise ResultsError("no results files given; pass files written by `raymoll evaluate`.")
     tables, merged, source = [], {}, {}
-    for path in map(Path, paths):
+    for path in (p if is_uri(p) else Path(p) for p in paths):
         table = _read_one(path)
         for run, settings in json.loads(table.schema.metadata[METADATA_KEY]).items():
             if run in merged:

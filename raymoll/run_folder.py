@@ -7,7 +7,7 @@ settings need a new run.name or `--restart`, which moves the old folder aside to
 safely the run goes (loader threads, checkpoints kept, restarts allowed, resources) are not
 defining and may change between a run and its continuation.
 
-Pure Python (pyarrow.fs only for URIs), so the check runs before Ray starts.
+Pure Python (pyarrow.fs only for URIs, through raymoll.io), so the check runs before Ray starts.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from typing import Any
 
 from raymoll.config import Config, to_dict
 from raymoll.errors import RaymollError
-from raymoll.io import atomic_write
+from raymoll.io import (absolute, atomic_write, exists, filesystem, is_file, is_uri, join,
+                        read_text)
 
 SETTINGS_FILE = "raymoll_run.json"
 
@@ -46,48 +47,9 @@ def defining_settings(cfg: Config) -> dict[str, Any]:
     return flat
 
 
-def absolute(path: str) -> str:
-    """An absolute local path, or the URI unchanged (s3://bucket/prefix): Ray's storage wants
-    one, and Ray workers do not share the driver's working directory."""
-    return path if "://" in path else os.path.abspath(path)
-
-
-def join(path: str, name: str) -> str:
-    """`path`/`name` for a local path or a URI, keeping a URI's query (?endpoint_override=...)."""
-    base, query = path.partition("?")[::2]
-    return base.rstrip("/") + "/" + name + (f"?{query}" if query else "")
-
-
 def run_folder(cfg: Config) -> str:
     """<run.storage_path>/<run.name>: an absolute local path, or a URI."""
     return join(absolute(cfg.run.storage_path), cfg.run.name)
-
-
-def _filesystem(path: str):
-    """(pyarrow filesystem, path inside it) for a URI; (None, path) for a local path."""
-    if "://" not in path:
-        return None, path
-    import pyarrow.fs
-    return pyarrow.fs.FileSystem.from_uri(path)
-
-
-def _read(path: str) -> str | None:
-    fs, inner = _filesystem(path)
-    if fs is None:
-        return open(path).read() if os.path.isfile(path) else None
-    import pyarrow.fs
-    if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(inner) as f:
-        return f.read().decode()
-
-
-def _exists(path: str) -> bool:
-    fs, inner = _filesystem(path)
-    if fs is None:
-        return os.path.exists(path)
-    import pyarrow.fs
-    return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
 
 
 def _move_aside(folder: str) -> str:
@@ -95,12 +57,12 @@ def _move_aside(folder: str) -> str:
     base, query = folder.partition("?")[::2]
     target = f"{base.rstrip('/')}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}" \
         + (f"?{query}" if query else "")
-    fs, inner = _filesystem(folder)
-    if fs is None:
+    if not is_uri(folder):
         os.rename(folder, target)
         return target
     import pyarrow.fs  # object stores cannot rename a prefix: copy, then delete
-    _, inner_target = _filesystem(target)
+    fs, inner = filesystem(folder)
+    _, inner_target = filesystem(target)
     pyarrow.fs.copy_files(inner, inner_target, source_filesystem=fs, destination_filesystem=fs)
     fs.delete_dir(inner)
     return target
@@ -115,11 +77,12 @@ def claim_run_folder(cfg: Config, restart: bool = False) -> str:
     """
     folder = run_folder(cfg)
     settings = defining_settings(cfg)
-    if restart and _exists(folder):
+    if restart and exists(folder):
         moved = _move_aside(folder)
         print(f"[raymoll] --restart: moved the old run folder to {moved}", flush=True)
-    recorded_text = _read(join(folder, SETTINGS_FILE))
-    if recorded_text is None and _exists(folder):
+    record = join(folder, SETTINGS_FILE)
+    recorded_text = read_text(record) if is_file(record) else None
+    if recorded_text is None and exists(folder):
         raise RunFolderError(
             f"run folder {folder!r} exists but has no {SETTINGS_FILE}: it was not started by "
             f"`raymoll train` (a tune search, or an older raymoll), so continuing it could mix "

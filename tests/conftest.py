@@ -1,4 +1,6 @@
 """Shared pytest fixtures."""
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +8,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    """A free loopback port from the kernel's ephemeral range (above 32767 here, so outside
+    Ray's worker ports 10002-19999)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# The S3 test server (moto, started by tests/test_s3.py) and its credentials, fixed when the
+# session starts: the session's Ray (ray_local) is started with them in its environment, so
+# every Ray worker reaches the same server, whichever test starts Ray first.
+S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+          "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1"}
 # The child exits 3 when Ray is initialised by the time the command returns.
 _CLI = ("import sys; from raymoll.cli import main; rc = main(sys.argv[1:]); "
         "ray = sys.modules.get('ray'); sys.exit(3 if ray and ray.is_initialized() else rc)")
@@ -24,12 +42,12 @@ def ray_local():
     """One embedded local Ray for the whole test session (each start costs ~10 s here).
 
     4 logical CPUs on 2 cores: lets 2-worker runs and concurrent Tune trials be scheduled.
+    Ray's processes inherit this environment, S3_ENV included.
     """
-    import os
-
     import ray
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.pop("RAY_ADDRESS", None)  # never attach to a developer's cluster by accident
+    os.environ.update(S3_ENV)
     ray.init(num_cpus=4)
     yield ray
     ray.shutdown()
@@ -45,3 +63,22 @@ def cli_without_ray():
                               text=True, timeout=300)
         return proc.returncode, proc.stderr
     return run
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3-compatible server on loopback (moto's server mode, at S3_ENV's endpoint) with
+    one empty bucket; returns the bucket's name. The AWS_* variables of S3_ENV point both
+    pyarrow.fs (raymoll) and boto3 (the tests' own reads) at it."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    os.environ.update(S3_ENV)
+    host, port = S3_ENV["AWS_ENDPOINT_URL"].removeprefix("http://").split(":")
+    server = ThreadedMotoServer(ip_address=host, port=int(port), verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket="raymoll")
+    yield "raymoll"
+    server.stop()

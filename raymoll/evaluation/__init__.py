@@ -27,7 +27,7 @@ from raymoll.evaluation.external import (check_output, check_spec, input_normali
 from raymoll.evaluation.runners import LocalRunner, RayRunner, choose_runner
 from raymoll.evaluation.sets import EvalSet, eval_sets, official_source, set_seed
 from raymoll.metrics import MetricAccumulator
-from raymoll.io import check_writable
+from raymoll.io import check_writable, exists, is_file, is_uri, join
 from raymoll.preflight import EVALUATION_RUNNERS as RUNNERS
 from raymoll.preflight import SEVERITIES, EvaluateError, check_evaluate
 from raymoll.results import write_results
@@ -46,14 +46,17 @@ def _local_device(device: torch.device | None) -> torch.device:
 
 
 def resolve_paths(checkpoint: str | Path, data_dir: str | Path, out: str | Path | None,
-                  run: str) -> tuple[Path, Path]:
-    """The one place where the checkpoint and output paths are resolved: (checkpoint, out);
-    out defaults to <data_dir>/../results/<run>.parquet."""
-    out = Path(out) if out else Path(data_dir).resolve().parent / "results" / f"{run}.parquet"
-    if out.is_dir():
+                  run: str) -> tuple[Path | str, Path | str]:
+    """The one place where the checkpoint and output paths are resolved: (checkpoint, out),
+    local paths as absolute Paths, URIs (s3://...) as given; out defaults to
+    <data_dir>/../results/<run>.parquet."""
+    if out is None:
+        out = Path(data_dir).resolve().parent / "results" / f"{run}.parquet"
+    out = str(out) if is_uri(out) else Path(out)
+    if exists(out) and not is_file(out):
         raise EvaluateError(f"--out {str(out)!r} is a folder; give a file name such as "
-                            f"{str(out / 'results.parquet')!r}.")
-    return Path(checkpoint).resolve(), out
+                            f"{join(out, 'results.parquet')!r}.")
+    return (str(checkpoint) if is_uri(checkpoint) else Path(checkpoint).resolve()), out
 
 
 def _row(spec: EvalSet, raw: MetricAccumulator, scaled: MetricAccumulator | None,
@@ -91,10 +94,10 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path,
              severities: Sequence[int] = SEVERITIES, seed: int = 0, batch_size: int = 500,
              device: str | None = None, run: str | None = None, subset: int = 0,
              runner: str | None = None, weights: str | Path | None = "selected",
-             model: str | None = None, input: str = "normalized") -> Path:
+             model: str | None = None, input: str = "normalized") -> Path | str:
     """Score `checkpoint` on the test split of the prepared folder `data_dir`, clean and
     corrupted, raw and temperature-scaled (T fitted on the validation split), and write the
-    results table (raymoll.results) to `out`; returns its path.
+    results table (raymoll.results) to `out` (a local path or a URI); returns its path.
 
     out defaults to <data_dir>/../results/<run>.parquet; run defaults to the checkpoint's
     run.name. subset > 0 scores only the first `subset` test images of every set (quick looks,

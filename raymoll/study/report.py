@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from raymoll.io import atomic_write
+from raymoll.io import atomic_write, filesystem
 from raymoll.report import TEST_FAMILIES, _save
 
 STUDY_KEY = b"raymoll_study"  # schema metadata of study.parquet: the study section, the axes
@@ -34,8 +34,9 @@ GROUP_AXES = ("data.augment", "augmentation")  # the figure's groups: the first 
 def is_study(path: str | Path) -> bool:
     """True for a study.parquet (written by `raymoll study`), False for any other file."""
     try:
-        return STUDY_KEY in (pq.read_schema(path).metadata or {})
-    except (OSError, ValueError):
+        fs, inner = filesystem(path)
+        return STUDY_KEY in (pq.read_schema(inner, filesystem=fs).metadata or {})
+    except (OSError, ValueError):  # StorageError is a ValueError
         return False
 
 

@@ -24,20 +24,19 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs
-import pyarrow.parquet as pq
 import ray
 from ray import tune
 
 from raymoll.config import Config, to_dict
-from raymoll.io import atomic_write
+from raymoll.io import (atomic_write, filesystem, is_file, read_parquet, with_scheme,
+                        write_parquet)
 from raymoll.results import METADATA_KEY
 from raymoll.study.cells import METHOD, Cell, cell_config, expand, label
 from raymoll.tracking import tune_callbacks
 from raymoll.train.trainer import SCORE
 from raymoll.study.report import STUDY_KEY, study_report
-from raymoll.tune.search import (_parquet_bytes, experiment_path, experiment_tuner,
-                                 max_concurrent, run_trial, trainable)
+from raymoll.tune.search import (experiment_path, experiment_tuner, max_concurrent, run_trial,
+                                 trainable)
 
 
 @dataclass
@@ -75,8 +74,6 @@ def _new_tuner(cfg: Config, path: str, cells: list[Cell], callbacks: list) -> tu
 def _trained(cfg: Config, grid, path: str) -> dict[str, dict[str, Any]]:
     """Cell name -> status, selected checkpoint (best by SCORE among those kept) and training
     time, for every trial of the experiment at `path`."""
-    # Ray reports checkpoint paths inside the storage filesystem: give remote ones their scheme.
-    scheme = path.split("://")[0] + "://" if "://" in path else ""
     out = {}
     for result in grid:
         cell = Cell(**result.config["cell"])
@@ -91,7 +88,7 @@ def _trained(cfg: Config, grid, path: str) -> dict[str, dict[str, Any]]:
             kept = rows[rows["checkpoint_path"].notna()] if "checkpoint_path" in rows else rows[:0]
             if not kept.empty:
                 best = kept.loc[kept[SCORE].idxmax(), "checkpoint_path"]
-                entry["checkpoint"] = best if "://" in best else scheme + best
+                entry["checkpoint"] = with_scheme(best, path)  # Ray's paths lack it
             if not result.error and entry["epochs"] >= cell_config(cfg, cell).optim.epochs:
                 entry["status"] = "trained"
         out[name] = entry
@@ -117,7 +114,7 @@ def evaluate_cells(cfg: Config, todo: dict[str, str], folder: str) -> list[tuple
     once as the cluster holds, writing `folder`/<name>.parquet as each finishes; returns the
     (start, end) times of the tasks."""
     from raymoll.evaluation.runners import GPU_SHARE
-    fs, where = pyarrow.fs.FileSystem.from_uri(folder)
+    fs, where = filesystem(folder)
     fs.create_dir(where, recursive=True)
     task = ray.remote(num_cpus=1, num_gpus=GPU_SHARE if cfg.run.use_gpu else 0)(_evaluate_one)
     device = "cuda" if cfg.run.use_gpu else "cpu"
@@ -132,16 +129,6 @@ def evaluate_cells(cfg: Config, todo: dict[str, str], folder: str) -> list[tuple
     return spans
 
 
-def _exists(path: str) -> bool:
-    fs, where = pyarrow.fs.FileSystem.from_uri(path)
-    return fs.get_file_info(where).type == pyarrow.fs.FileType.File
-
-
-def _read(path: str) -> pa.Table:
-    fs, where = pyarrow.fs.FileSystem.from_uri(path)
-    return pq.read_table(where, filesystem=fs)
-
-
 def _axis_columns(cfg: Config, cell: Cell) -> dict[str, Any]:
     return {key: label(value) for key, value in cell.values.items()} | {"seed": cell.seed}
 
@@ -152,9 +139,9 @@ def merge(cfg: Config, cells: list[Cell], folder: str) -> pa.Table | None:
     tables, settings = [], {}
     for cell in cells:
         path = os.path.join(folder, f"{cell.name}.parquet")
-        if not _exists(path):
+        if not is_file(path):
             continue
-        table = _read(path)
+        table = read_parquet(path)
         settings |= json.loads(table.schema.metadata[METADATA_KEY])
         table = table.replace_schema_metadata(None)
         for key, value in _axis_columns(cfg, cell).items():
@@ -226,19 +213,17 @@ def run_study(cfg: Config, resume: bool = False, callbacks: list | None = None) 
     folder = os.path.join(path, "evaluations")
     todo = {c.name: trained[c.name]["checkpoint"] for c in cells
             if trained.get(c.name, {}).get("status") == "trained"
-            and not _exists(os.path.join(folder, f"{c.name}.parquet"))}
+            and not is_file(os.path.join(folder, f"{c.name}.parquet"))}
     eval_spans = evaluate_cells(cfg, todo, folder)
     evaluated_at = time.time()
 
-    evaluated = {c.name for c in cells if _exists(os.path.join(folder, f"{c.name}.parquet"))}
+    evaluated = {c.name for c in cells if is_file(os.path.join(folder, f"{c.name}.parquet"))}
     table = cells_table(cfg, cells, trained, evaluated)
-    cells_path = atomic_write(os.path.join(path, "cells.parquet"), _parquet_bytes(table))
+    cells_path = write_parquet(os.path.join(path, "cells.parquet"), table)
     merged = merge(cfg, cells, folder)
     study_path = report_path = None
     if merged is not None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(merged, sink)
-        study_path = atomic_write(os.path.join(path, "study.parquet"), sink.getvalue().to_pybytes())
+        study_path = write_parquet(os.path.join(path, "study.parquet"), merged)
         if "://" not in path:
             report_path = str(study_report(study_path, os.path.join(path, "report")))
 

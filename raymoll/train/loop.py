@@ -101,17 +101,21 @@ class FaultDrill:
                              f"epoch, step >= 1 and kind exit or nan, e.g. 2:25:exit.")
         return drill
 
-    def wrap(self, loader, epoch: int, run_folder: str):
-        """`loader` for `epoch` (0-based), failing at the drill's step when it is due."""
-        marker = os.path.join(run_folder, "fault_drill_done")
-        if epoch + 1 != self.epoch or os.path.exists(marker):
+    def wrap(self, loader, epoch: int, storage):
+        """`loader` for `epoch` (0-based), failing at the drill's step when it is due: once per
+        run folder, marked by a `fault_drill_done` file written through the run's storage
+        (Ray's StorageContext: a local folder or a URI such as s3://)."""
+        fs = storage.storage_filesystem
+        marker = f"{storage.experiment_fs_path}/fault_drill_done"
+        if epoch + 1 != self.epoch \
+                or fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
             return loader
-        return _FailingLoader(loader, self, marker)
+        return _FailingLoader(loader, self, fs, marker)
 
 
 class _FailingLoader:
-    def __init__(self, loader, drill: FaultDrill, marker: str):
-        self.loader, self.drill, self.marker = loader, drill, marker
+    def __init__(self, loader, drill: FaultDrill, fs: pyarrow.fs.FileSystem, marker: str):
+        self.loader, self.drill, self.fs, self.marker = loader, drill, fs, marker
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -119,7 +123,8 @@ class _FailingLoader:
     def __iter__(self):
         for step, (x, y) in enumerate(self.loader):
             if step + 1 == self.drill.step:
-                open(self.marker, "w").close()
+                with self.fs.open_output_stream(self.marker):
+                    pass
                 if self.drill.kind == "nan":
                     x = x * float("nan")
                 else:
@@ -353,8 +358,8 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         trainee.reseed(cfg.run.seed, rank, epoch)  # before the loader's pipeline thread starts
         train_loader.next_epoch = epoch  # the shuffle order depends on (seed, epoch): resumable
-        loader = train_loader if drill is None else drill.wrap(
-            train_loader, epoch, ctx.get_storage().experiment_fs_path)
+        loader = train_loader if drill is None else drill.wrap(train_loader, epoch,
+                                                               ctx.get_storage())
         loss = train_one_epoch(trainee, loader, epoch, cfg)
         # DDP broadcasts BatchNorm running stats from rank 0 only at the start of each forward,
         # so each rank ends the epoch with its own; evaluate everywhere with rank 0's, which

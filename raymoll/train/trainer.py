@@ -10,7 +10,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from raymoll.config import Config, to_dict
-from raymoll.run_folder import absolute
+from raymoll.io import absolute, with_scheme
 from raymoll.tracking import tracker_env
 from raymoll.train.loop import FAULT_DRILL_ENV, train_loop_per_worker
 
@@ -24,8 +24,8 @@ SCHEDULING_RETRIES = 10
 @dataclass
 class TrainResult:
     """Where a finished run left its outputs."""
-    path: str                      # the run folder (metrics in progress.csv / result.json)
-    last_checkpoint: str | None
+    path: str                      # the run folder (metrics in progress.csv / result.json); local
+    last_checkpoint: str | None    # paths, or URIs (s3://...) for a URI run.storage_path
     best_checkpoint: str | None
     metrics: dict[str, Any]        # the last reported metrics
 
@@ -73,9 +73,11 @@ def fit(cfg: Config) -> TrainResult:
     result = build_trainer(cfg).fit()
     best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(SCORE, float("-inf")),
                default=(None, None))[0]
-    return TrainResult(path=result.path,
-                       last_checkpoint=result.checkpoint.path if result.checkpoint else None,
-                       best_checkpoint=best.path if best else None,
+    storage = cfg.run.storage_path  # Ray's paths lie inside its file system: no s3:// of their own
+    return TrainResult(path=with_scheme(result.path, storage),
+                       last_checkpoint=with_scheme(result.checkpoint.path, storage)
+                       if result.checkpoint else None,
+                       best_checkpoint=with_scheme(best.path, storage) if best else None,
                        metrics=dict(result.metrics or {}))
 
 

@@ -18,8 +18,6 @@ from functools import reduce
 from typing import Any, Callable
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import yaml
 from ray import tune
@@ -27,10 +25,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from raymoll.config import Config, from_dict, to_dict
-from raymoll.io import atomic_write
+from raymoll.io import absolute, atomic_write, join, with_scheme, write_parquet
 from raymoll.preflight import check_search_state
 from raymoll.tracking import log_evaluation, tune_callbacks
-from raymoll.train.trainer import absolute, build_trainer, worker_resources
+from raymoll.train.trainer import build_trainer, worker_resources
 from raymoll.tune.space import (DERIVED, apply_point, check_space, expected_trials, metric_mode,
                                 searched_keys)
 
@@ -56,7 +54,7 @@ class SearchResult:
 
 def experiment_path(cfg: Config) -> str:
     """<run.storage_path>/<run.name>, absolute (or a URI)."""
-    return absolute(os.path.join(cfg.run.storage_path, cfg.run.name))
+    return join(absolute(cfg.run.storage_path), cfg.run.name)
 
 
 def run_trial(point: dict[str, Any], base: dict) -> None:
@@ -146,7 +144,7 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
     finished = len(saved) == expected_trials(cfg.tune) and set(saved.values()) <= DONE
 
     table = trials_table(cfg, grid, saved)
-    trials = atomic_write(os.path.join(path, "trials.parquet"), _parquet_bytes(table))
+    trials = write_parquet(join(path, "trials.parquet"), table)
     print(ranking(cfg, table))
     if not finished:
         print(f"the search was interrupted; continue it with: raymoll tune --config <this "
@@ -155,8 +153,9 @@ def run_search(cfg: Config, resume: bool = False, callbacks: list | None = None)
 
     best = grid.get_best_result(metric=cfg.tune.metric, mode=metric_mode(cfg.tune.metric))
     best_cfg = apply_point(cfg, best.config)
-    best_yaml = atomic_write(os.path.join(path, "best.yaml"), best_yaml_text(cfg, best_cfg, best))
+    best_yaml = atomic_write(join(path, "best.yaml"), best_yaml_text(cfg, best_cfg, best))
     checkpoint = best.metrics.get("checkpoint_path")
+    checkpoint = with_scheme(checkpoint, path) if checkpoint else None  # Ray's paths lack it
     print(f"best trial {best.metrics['trial_id']}: {cfg.tune.metric} = "
           f"{best.metrics[cfg.tune.metric]:.4f}\nbest config: {best_yaml}\n"
           f"best checkpoint: {checkpoint}\ntrials: {trials}")
@@ -219,14 +218,7 @@ def best_yaml_text(cfg: Config, best_cfg: Config, best) -> str:
 def final_evaluate(checkpoint: str, cfg: Config, path: str) -> str:
     """`raymoll evaluate` of the best checkpoint on the 15 test corruptions."""
     from raymoll.evaluate import evaluate  # the evaluation stack loads only when asked for
-    with ray.train.Checkpoint(checkpoint).as_directory() as folder:
-        out = os.path.join(path, "best_evaluation.parquet") if "://" not in path else None
-        return str(evaluate(folder, cfg.data.path, out=out, run=f"{cfg.run.name}-best"))
-
-
-def _parquet_bytes(table: pd.DataFrame) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), sink)
-    return sink.getvalue().to_pybytes()
+    out = join(path, "best_evaluation.parquet")
+    return str(evaluate(checkpoint, cfg.data.path, out=out, run=f"{cfg.run.name}-best"))
 
 
