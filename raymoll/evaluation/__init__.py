@@ -21,7 +21,6 @@ import torch
 
 from raymoll.checkpoint import CheckpointError, load_model
 from raymoll.data import load_split, normalizer, read_meta
-from raymoll.errors import RaymollError
 from raymoll.evaluation.external import (check_output, check_spec, input_normalizer,
                                         load_external)
 from raymoll.evaluation.runners import LocalRunner, RayRunner, choose_runner
