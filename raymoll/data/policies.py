@@ -226,7 +226,19 @@ def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str)
 
 
 def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    return TF.equalize(x)
+    """torchvision's equalize_image (PIL's LUT per channel, left as is where it is flat), with
+    one bincount for all histograms and the LUTs applied by one lookup on int32 indices."""
+    n, c, h, w = x.shape
+    rows = n * c
+    offsets = torch.arange(0, rows * 256, 256, dtype=torch.int32, device=x.device)
+    index = (x.reshape(rows, h * w).int() + offsets.view(rows, 1)).view(-1)
+    hist = torch.bincount(index, minlength=rows * 256).view(rows, 256)
+    cum = hist.cumsum(-1)
+    step = (h * w - hist.gather(-1, cum.argmax(-1, keepdim=True))).div_(255, rounding_mode="floor")
+    lut = (cum[:, :-1] + step // 2).div_(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
+    lut = torch.cat([lut.new_zeros(rows, 1), lut], 1)
+    lut = torch.where(step != 0, lut, torch.arange(256, device=x.device)).to(torch.uint8)
+    return lut.view(-1).index_select(0, index).view_as(x)
 
 
 # The stages: (the ops a stage implements, its kernel). A kernel gets (x, op, m, interpolation)
@@ -245,10 +257,10 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor,
     """Apply op[i] (an index into OPS) at magnitude[i] (torchvision's signed magnitude) to x[i].
 
     x: (N,C,H,W) uint8; op: (N,) int64; magnitude: (N,) float64, on x's device. Returns uint8.
-    grouped (default: on the CPU): each stage runs only on the rows that drew one of its ops,
-    gathered and scattered back by one index per stage (finding them is a host read, which
-    costs nothing on the CPU). Otherwise every stage runs on every row and a `where` keeps each
-    row's own stage, so no shape depends on the draw and nothing waits for the device.
+    grouped (default: on the CPU): the rows are sorted by stage and each stage runs on its
+    slice only (the group sizes are a host read, which costs nothing on the CPU). Otherwise
+    every stage runs on every row and a `where` keeps each row's own stage, so no shape depends
+    on the draw and nothing waits for the device.
     """
     m = magnitude.to(torch.float64)
     stage = _STAGE_OF.to(op.device)[op]
@@ -258,15 +270,14 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor,
         for s, (_, kernel) in enumerate(_STAGES):
             x = torch.where((stage == s).view(-1, 1, 1, 1), kernel(x, op, m, interpolation), x)
         return x
-    # Rows sorted by stage, each stage's slice done at once, then back in the batch's order
-    # (index_select both ways: on the CPU it is far cheaper than an index_copy_ scatter).
+    # Sorted by stage and back by index_select: on the CPU far cheaper than an index_copy_.
     order = torch.argsort(stage, stable=True)
     counts = torch.bincount(stage + 1, minlength=len(_STAGES) + 1).tolist()
     parts = []
-    for s, rows in zip(range(-1, len(_STAGES)), order.split(counts)):
-        if len(rows):
-            part = x.index_select(0, rows)
-            parts.append(part if s < 0 else _STAGES[s][1](part, op[rows], m[rows], interpolation))
+    for s, x_s, op_s, m_s in zip(range(-1, len(_STAGES)), x.index_select(0, order).split(counts),
+                                 op[order].split(counts), m[order].split(counts)):
+        if len(x_s):
+            parts.append(x_s if s < 0 else _STAGES[s][1](x_s, op_s, m_s, interpolation))
     return torch.cat(parts).index_select(0, torch.argsort(order))
 
 
@@ -347,6 +358,7 @@ def augmix(x: torch.Tensor, g: torch.Generator | None = None, severity: int = 3,
     table = _table("augmix", 10, h, w, dev)
     m0, weights = augmix_weights(n, mixture_width, alpha, dev, g)
     mix = m0.view(n, 1, 1, 1) * x
+    weighted = torch.empty_like(mix)  # one buffer for the three chains' weight * image
     max_depth = chain_depth if chain_depth > 0 else 3
     for i in range(mixture_width):
         depth = (torch.full((n,), chain_depth, device=dev) if chain_depth > 0
@@ -357,7 +369,8 @@ def augmix(x: torch.Tensor, g: torch.Generator | None = None, severity: int = 3,
             op, magnitude = _pick(table, n, bins, g)
             aug = apply_ops(aug, torch.where(step < depth, op, OP["Identity"]), magnitude,
                             interpolation="bilinear")
-        mix.add_(weights[:, i].view(n, 1, 1, 1) * aug)
+        # torchvision's mix.add_(weight * aug), same roundings (an addcmul_ would fuse them)
+        mix.add_(torch.mul(weights[:, i].view(n, 1, 1, 1), aug, out=weighted))
     return mix.to(torch.uint8)
 
 
