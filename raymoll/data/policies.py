@@ -200,9 +200,10 @@ def _blends(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> to
     """Brightness: a blend with black; Color: with the grey image; Contrast: with its mean."""
     n = len(x)
     grey = _grey(x)
-    degenerate = torch.where((op == OP["Color"]).view(n, 1, 1, 1), grey,
-                             torch.where((op == OP["Contrast"]).view(n, 1, 1, 1),
-                                         grey.mean(dim=(-3, -2, -1), keepdim=True), 0.0))
+    # grey * 1 + mean * 0 (and the like) is exact: cheaper than a where over the pixels.
+    is_color = (op == OP["Color"]).float().view(n, 1, 1, 1)
+    is_contrast = (op == OP["Contrast"]).float().view(n, 1, 1, 1)
+    degenerate = (grey * is_color).add_(grey.mean(dim=(-3, -2, -1), keepdim=True) * is_contrast)
     return _blend(x, degenerate, (1.0 + m).view(n, 1, 1, 1))
 
 
@@ -218,7 +219,8 @@ def _posterize_solarize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor,
     # Invert is solarize at threshold 0; 256 (no pixel reaches it) leaves a sample unchanged.
     threshold = torch.where(op == OP["Solarize"], 255.0 * m,
                             torch.where(op == OP["Invert"], 0.0, 256.0)).float().view(n, 1, 1, 1)
-    return torch.where(x >= threshold, x.bitwise_not(), x)
+    # Flipping every bit of the pixels at or above it (x ^ 255 = 255 - x) without a where.
+    return x ^ (x >= threshold).to(torch.uint8).mul_(255)
 
 
 def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
