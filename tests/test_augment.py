@@ -44,18 +44,21 @@ def test_each_op_equals_torchvision(images, name, magnitude, interpolation):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_mixed_ops_in_one_batch_equal_torchvision_per_image(images):
-    """Every sample its own op and magnitude in one call (the grouped path)."""
+@pytest.mark.parametrize("grouped", [True, False])
+def test_mixed_ops_in_one_batch_equal_torchvision_per_image(images, grouped):
+    """Every sample its own op and magnitude in one call: grouped by stage (the CPU's path) and
+    every stage on every row (an accelerator's path, run here on the CPU)."""
     g = torch.Generator().manual_seed(3)
     n = len(images)
-    op = torch.randint(len(P.OPS), (n,), generator=g)
-    magnitude = torch.tensor([float(torch.tensor(MAGNITUDES[P.OPS[o]][0])) for o in op.tolist()],
-                             dtype=torch.float64)
+    op = (torch.arange(n) % len(P.OPS))[torch.randperm(n, generator=g)]  # every op, mixed
+    magnitude = torch.tensor([float(torch.tensor(MAGNITUDES[P.OPS[o]][i % len(MAGNITUDES[P.OPS[o]])]))
+                              for i, o in enumerate(op.tolist())], dtype=torch.float64)
     policy = v2.TrivialAugmentWide()
     expected = torch.stack([policy._apply_image_or_video_transform(
         image, P.OPS[o], float(m), interpolation="nearest", fill=policy._fill)
         for image, o, m in zip(images, op.tolist(), magnitude.tolist())])
-    torch.testing.assert_close(P.apply_ops(images, op, magnitude), expected, rtol=0, atol=0)
+    torch.testing.assert_close(P.apply_ops(images, op, magnitude, grouped=grouped), expected,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("space,policy,bins", [
