@@ -51,8 +51,9 @@ def test_mixed_ops_in_one_batch_equal_torchvision_per_image(images, grouped):
     g = torch.Generator().manual_seed(3)
     n = len(images)
     op = (torch.arange(n) % len(P.OPS))[torch.randperm(n, generator=g)]  # every op, mixed
-    magnitude = torch.tensor([float(torch.tensor(MAGNITUDES[P.OPS[o]][i % len(MAGNITUDES[P.OPS[o]])]))
-                              for i, o in enumerate(op.tolist())], dtype=torch.float64)
+    choices = [MAGNITUDES[P.OPS[o]] for o in op.tolist()]
+    magnitude = torch.tensor([float(torch.tensor(c[i % len(c)])) for i, c in enumerate(choices)],
+                             dtype=torch.float64)
     policy = v2.TrivialAugmentWide()
     expected = torch.stack([policy._apply_image_or_video_transform(
         image, P.OPS[o], float(m), interpolation="nearest", fill=policy._fill)

@@ -99,7 +99,8 @@ AUTOAUGMENT_POLICIES = {
 
 
 @functools.lru_cache(maxsize=None)
-def _table(space: str, bins: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _table(space: str, bins: int, h: int, w: int,
+           device: torch.device) -> tuple[torch.Tensor, ...]:
     """(op ids (K,), magnitudes (K, bins) float64, signed (K,) bool) of a policy's op space
     (a name in _SPACES); built once per size and device (callers only read it)."""
     space = _SPACES[space]
