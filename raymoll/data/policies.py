@@ -154,7 +154,8 @@ def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
     dev = x.device
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev).view(1, 1, w)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).view(1, h, 1)
-    rescaled = theta.div(torch.tensor([[0.5 * w], [0.5 * h]], device=dev)).view(n, 2, 3, 1, 1)
+    rescaled = torch.stack((theta[:, 0] / (0.5 * w), theta[:, 1] / (0.5 * h)), 1)
+    rescaled = rescaled.view(n, 2, 3, 1, 1)
     grid = (xs * rescaled[:, :, 0] + ys * rescaled[:, :, 1]).add_(rescaled[:, :, 2])
     out = F.grid_sample(x.float(), grid.permute(0, 2, 3, 1), mode=mode, padding_mode="zeros",
                         align_corners=False)
@@ -230,12 +231,14 @@ def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str)
 
 def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
     """torchvision's equalize_image (PIL's LUT per channel, left as is where it is flat), with
-    one bincount for all histograms and the LUTs applied by one lookup on int32 indices."""
+    all histograms counted by one index_add_ (unlike bincount, no host sync on CUDA) and the
+    LUTs applied by one lookup, both on int32 indices (torchvision's need int64)."""
     n, c, h, w = x.shape
     rows = n * c
     offsets = torch.arange(0, rows * 256, 256, dtype=torch.int32, device=x.device)
     index = (x.reshape(rows, h * w).int() + offsets.view(rows, 1)).view(-1)
-    hist = torch.bincount(index, minlength=rows * 256).view(rows, 256)
+    hist = torch.zeros(rows * 256, dtype=torch.int32, device=x.device)
+    hist = hist.index_add_(0, index, hist.new_ones(1).expand(len(index))).view(rows, 256)
     cum = hist.cumsum(-1)
     step = (h * w - hist.gather(-1, cum.argmax(-1, keepdim=True))).div_(255, rounding_mode="floor")
     lut = (cum[:, :-1] + step // 2).div_(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
@@ -250,9 +253,14 @@ _STAGES = ((("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"), _geometr
            (("Brightness", "Color", "Contrast"), _blends), (("Sharpness",), _sharpness),
            (("Posterize", "Solarize", "Invert"), _posterize_solarize),
            (("AutoContrast",), _autocontrast), (("Equalize",), _equalize))
-# The stage of each op (index into _STAGES; -1 for Identity, which needs none).
-_STAGE_OF = torch.tensor([next((s for s, (names, _) in enumerate(_STAGES) if name in names), -1)
-                          for name in OPS])
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_of(device: torch.device) -> torch.Tensor:
+    """The stage of each op (index into _STAGES; -1 for Identity, which needs none), (len(OPS),)
+    on `device`: built once per device, so no call copies it from the host."""
+    return torch.tensor([next((s for s, (names, _) in enumerate(_STAGES) if name in names), -1)
+                         for name in OPS], device=device)
 
 
 def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor,
@@ -266,7 +274,7 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor,
     on the draw and nothing waits for the device.
     """
     m = magnitude.to(torch.float64)
-    stage = _STAGE_OF.to(op.device)[op]
+    stage = _stage_of(op.device)[op]
     if grouped is None:
         grouped = x.device.type == "cpu"
     if not grouped:
@@ -312,17 +320,24 @@ def rand_augment(x: torch.Tensor, g: torch.Generator | None = None, num_ops: int
     return x
 
 
+@functools.lru_cache(maxsize=None)
+def _sub_policies(policy: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """AUTOAUGMENT_POLICIES[policy] as (op row in _AUTOAUGMENT_SPACE, probability, magnitude
+    bin), each (25, 2), on `device`; built once (callers only read them)."""
+    row = list(_AUTOAUGMENT_SPACE).index
+    subs = AUTOAUGMENT_POLICIES[policy]
+    return (torch.tensor([[row(name) for name, _, _ in s] for s in subs], device=device),
+            torch.tensor([[p for _, p, _ in s] for s in subs], device=device),
+            torch.tensor([[b or 0 for _, _, b in s] for s in subs], device=device))
+
+
 def autoaugment_draw(n: int, h: int, w: int, device: torch.device, g: torch.Generator | None,
                      policy: str = "cifar10") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """AutoAugment's draw per sample: a uniform sub-policy of `policy`, each of its two ops
     kept with its probability (else Identity). Returns [(op (N,), magnitude (N,))] per slot."""
     ops, mags, signed = _table("autoaugment", 10, h, w, device)
-    row = list(_AUTOAUGMENT_SPACE).index
-    subs = AUTOAUGMENT_POLICIES[policy]
-    sub_op = torch.tensor([[row(name) for name, _, _ in s] for s in subs], device=device)
-    sub_p = torch.tensor([[p for _, p, _ in s] for s in subs], device=device)
-    sub_bin = torch.tensor([[b or 0 for _, _, b in s] for s in subs], device=device)
-    k = torch.randint(len(subs), (n,), device=device, generator=g)
+    sub_op, sub_p, sub_bin = _sub_policies(policy, device)
+    k = torch.randint(len(sub_op), (n,), device=device, generator=g)
     slots = []
     for slot in range(2):
         r = sub_op[k, slot]
@@ -377,317 +392,6 @@ def augmix(x: torch.Tensor, g: torch.Generator | None = None, severity: int = 3,
     for i, chain in enumerate(aug.split(n)):
         # torchvision's mix.add_(weight * aug), same roundings (an addcmul_ would fuse them)
         mix.add_(torch.mul(weights[:, i].view(n, 1, 1, 1), chain, out=weighted))
-    return mix.to(torch.uint8)
-
-
-POLICIES = {
-    "imagenet": [
-        (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
-        (("Equalize", 0.8, None), ("Equalize", 0.6, None)), (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
-        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)), (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
-        (("Solarize", 0.6, 3), ("Equalize", 0.6, None)), (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
-        (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)), (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
-        (("Rotate", 0.8, 8), ("Color", 0.4, 0)), (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
-        (("Equalize", 0.0, None), ("Equalize", 0.8, None)), (("Invert", 0.6, None), ("Equalize", 1.0, None)),
-        (("Color", 0.6, 4), ("Contrast", 1.0, 8)), (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
-        (("Color", 0.8, 8), ("Solarize", 0.8, 7)), (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
-        (("ShearX", 0.6, 5), ("Equalize", 1.0, None)), (("Color", 0.4, 0), ("Equalize", 0.6, None)),
-        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
-        (("Invert", 0.6, None), ("Equalize", 1.0, None)), (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
-        (("Equalize", 0.8, None), ("Equalize", 0.6, None))],
-    "cifar10": [
-        (("Invert", 0.1, None), ("Contrast", 0.2, 6)), (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
-        (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)), (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
-        (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)), (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
-        (("Color", 0.4, 3), ("Brightness", 0.6, 7)), (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
-        (("Equalize", 0.6, None), ("Equalize", 0.5, None)), (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
-        (("Color", 0.7, 7), ("TranslateX", 0.5, 8)), (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
-        (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)), (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
-        (("Solarize", 0.5, 2), ("Invert", 0.0, None)), (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
-        (("Equalize", 0.2, None), ("Equalize", 0.6, None)), (("Color", 0.9, 9), ("Equalize", 0.6, None)),
-        (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)), (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
-        (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)), (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
-        (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)), (("Equalize", 0.8, None), ("Invert", 0.1, None)),
-        (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None))],
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _table(space: str, bins: int, h: int, w: int,
-           device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(op ids (K,), magnitudes (K, bins) float64, signed (K,) bool) of a policy's op space
-    (a name in _SPACES); built once per size and device (callers only read it)."""
-    space = _SPACES[space]
-    ops = torch.tensor([OP[name] for name in space], device=device)
-    mags = torch.stack([fn(bins, h, w) for fn in space.values()]).to(device)
-    signed = torch.tensor([name in SIGNED for name in space], device=device)
-    return ops, mags, signed
-
-
-def _signed(magnitude: torch.Tensor, signed: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    """Negate each signed magnitude with probability 1/2 (torchvision: rand() <= 0.5)."""
-    flip = signed & (torch.rand(magnitude.shape, device=magnitude.device, generator=g) <= 0.5)
-    return torch.where(flip, -magnitude, magnitude)
-
-
-def _affine_theta(op: torch.Tensor, m: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Per-sample inverse affine matrices (N,2,3) float32, as torchvision's
-    _get_inverse_affine_matrix builds them for ShearX/Y (centre = top-left corner, shear =
-    atan(m)), TranslateX/Y (int(m) px) and Rotate (m degrees); identity for the other ops."""
-    zero = torch.zeros_like(m)
-
-    def where(name: str, value: torch.Tensor) -> torch.Tensor:
-        return torch.where(op == OP[name], value, zero)
-
-    shear = torch.rad2deg(torch.atan(m))
-    shear_x, shear_y = where("ShearX", shear), where("ShearY", shear)
-    tx, ty = where("TranslateX", m.trunc()), where("TranslateY", m.trunc())
-    angle = where("Rotate", -torch.remainder(m, 360.0))
-    sheared = (op == OP["ShearX"]) | (op == OP["ShearY"])
-    cx = torch.where(sheared, -0.5 * w, zero)
-    cy = torch.where(sheared, -0.5 * h, zero)
-    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
-    a = torch.cos(rot - sy) / torch.cos(sy)
-    b = -(a * torch.tan(sx) + torch.sin(rot))
-    c = torch.sin(rot - sy) / torch.cos(sy)
-    d = torch.cos(rot) - c * torch.tan(sx)
-    m2 = cx - d * (cx + tx) - (-b) * (cy + ty)
-    m5 = cy - (-c) * (cx + tx) - a * (cy + ty)
-    return torch.stack([d, -b, m2, -c, a, m5], 1).view(-1, 2, 3).float()
-
-
-def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
-    """torchvision's _affine_grid + _apply_grid_transform (zeros outside), batched over theta.
-
-    torchvision's grid is base (HW,3) @ theta^T by bmm; on the CPU that sums the three products
-    left to right in float32 without fused multiply-adds, which the elementwise form below
-    repeats bit for bit (tested against the per-image warp) at a tenth of a batched bmm's cost.
-    It is built as (N,2,H,W), whose broadcasts run along whole rows, and handed over permuted.
-    """
-    n, _, h, w = x.shape
-    dev = x.device
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev).view(1, 1, w)
-    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).view(1, h, 1)
-    rescaled = theta.div(torch.tensor([[0.5 * w], [0.5 * h]], device=dev)).view(n, 2, 3, 1, 1)
-    grid = (xs * rescaled[:, :, 0] + ys * rescaled[:, :, 1]).add_(rescaled[:, :, 2])
-    out = F.grid_sample(x.float(), grid.permute(0, 2, 3, 1), mode=mode, padding_mode="zeros",
-                        align_corners=False)
-    # Nearest copies grey levels (or the zero fill): only bilinear values need rounding.
-    return (out if mode == "nearest" else out.round_()).to(torch.uint8)
-
-
-def _blend(x: torch.Tensor, degenerate: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """torchvision's _blend with a per-sample ratio (N,1,1,1) float64: truncated to uint8.
-    Like torchvision's Python-float scalars, ratio and 1 - ratio are rounded to float32
-    separately, so the result is the same to the grey level."""
-    out = (x * ratio.float()).addcmul_(degenerate, (1.0 - ratio).float())
-    return out.clamp_(0, 255).to(torch.uint8)
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's _rgb_to_grayscale_image (float, floored for uint8 input): (N,1,H,W)."""
-    r, g, b = x.float().unbind(-3)
-    return (r * 0.2989 + g * 0.587 + b * 0.114).unsqueeze(-3).floor_()
-
-
-def _sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """torchvision's adjust_sharpness_image with a per-sample factor (N,1,1,1) float64.
-
-    Its blur is a float32 conv with the weights 1/13 (5/13 in the centre), rounded: that is
-    round(k / 13) for the integer k = (3x3 sum) + 4 * centre, which no rounding error of the
-    conv can move across a half (k / 13 is at least 1/26 from one), so the exact sum, done in
-    float32 with whole numbers up to 3315, gives the same grey levels without a grouped conv.
-    """
-    out = x.float()
-    rows = out[..., :-2, :] + out[..., 1:-1, :] + out[..., 2:, :]
-    view = out[..., 1:-1, 1:-1]
-    k = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).add_(view, alpha=4.0)
-    blurred = k.div_(13.0).round_()
-    view.addcmul_(blurred.sub_(view), (1.0 - factor).float())
-    return out.clamp_(0, 255).to(torch.uint8)
-
-
-def _geometric(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    return _warp(x, _affine_theta(op, m, *x.shape[-2:]), mode)
-
-
-def _blends(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    """Brightness: a blend with black; Color: with the grey image; Contrast: with its mean."""
-    n = len(x)
-    grey = _grey(x)
-    # grey * 1 + mean * 0 (and the like) is exact: cheaper than a where over the pixels.
-    is_color = (op == OP["Color"]).float().view(n, 1, 1, 1)
-    is_contrast = (op == OP["Contrast"]).float().view(n, 1, 1, 1)
-    degenerate = (grey * is_color).add_(grey.mean(dim=(-3, -2, -1), keepdim=True) * is_contrast)
-    return _blend(x, degenerate, (1.0 + m).view(n, 1, 1, 1))
-
-
-def _sharpness(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    return _sharpen(x, (1.0 + m).view(-1, 1, 1, 1))
-
-
-def _posterize_solarize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor,
-                        mode: str) -> torch.Tensor:
-    n = len(x)
-    bits = torch.where(op == OP["Posterize"], m, 8.0).long()
-    x = x & (((1 << bits) - 1) << (8 - bits)).to(torch.uint8).view(n, 1, 1, 1)
-    # Invert is solarize at threshold 0; 256 (no pixel reaches it) leaves a sample unchanged.
-    threshold = torch.where(op == OP["Solarize"], 255.0 * m,
-                            torch.where(op == OP["Invert"], 0.0, 256.0)).float().view(n, 1, 1, 1)
-    # Flipping every bit of the pixels at or above it (x ^ 255 = 255 - x) without a where.
-    return x ^ (x >= threshold).to(torch.uint8).mul_(255)
-
-
-def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    return TF.autocontrast(x)
-
-
-def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    """torchvision's equalize_image (PIL's LUT per channel, left as is where it is flat), with
-    one bincount for all histograms and the LUTs applied by one lookup on int32 indices."""
-    n, c, h, w = x.shape
-    rows = n * c
-    offsets = torch.arange(0, rows * 256, 256, dtype=torch.int32, device=x.device)
-    index = (x.reshape(rows, h * w).int() + offsets.view(rows, 1)).view(-1)
-    hist = torch.bincount(index, minlength=rows * 256).view(rows, 256)
-    cum = hist.cumsum(-1)
-    step = (h * w - hist.gather(-1, cum.argmax(-1, keepdim=True))).div_(255, rounding_mode="floor")
-    lut = (cum[:, :-1] + step // 2).div_(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
-    lut = torch.cat([lut.new_zeros(rows, 1), lut], 1)
-    lut = torch.where(step != 0, lut, torch.arange(256, device=x.device)).to(torch.uint8)
-    return lut.view(-1).index_select(0, index).view_as(x)
-
-
-# The stages: (the ops a stage implements, its kernel). A kernel gets (x, op, m, interpolation)
-# and returns the result for rows whose op is one of its ops (other rows' results are not used).
-_STAGES = ((("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"), _geometric),
-           (("Brightness", "Color", "Contrast"), _blends), (("Sharpness",), _sharpness),
-           (("Posterize", "Solarize", "Invert"), _posterize_solarize),
-           (("AutoContrast",), _autocontrast), (("Equalize",), _equalize))
-# The stage of each op (index into _STAGES; -1 for Identity, which needs none).
-_STAGE_OF = torch.tensor([next((s for s, (names, _) in enumerate(_STAGES) if name in names), -1)
-                          for name in OPS])
-
-
-def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor,
-              interpolation: str = "nearest", grouped: bool | None = None) -> torch.Tensor:
-    """Apply op[i] (an index into OPS) at magnitude[i] (torchvision's signed magnitude) to x[i].
-
-    x: (N,C,H,W) uint8; op: (N,) int64; magnitude: (N,) float64, on x's device. Returns uint8.
-    grouped (default: on the CPU): the rows are sorted by stage and each stage runs on its
-    slice only (the group sizes are a host read, which costs nothing on the CPU). Otherwise
-    every stage runs on every row and a `where` keeps each row's own stage, so no shape depends
-    on the draw and nothing waits for the device.
-    """
-    m = magnitude.to(torch.float64)
-    stage = _STAGE_OF.to(op.device)[op]
-    if grouped is None:
-        grouped = x.device.type == "cpu"
-    if not grouped:
-        for s, (_, kernel) in enumerate(_STAGES):
-            x = torch.where((stage == s).view(-1, 1, 1, 1), kernel(x, op, m, interpolation), x)
-        return x
-    # Sorted by stage and back by index_select: on the CPU far cheaper than an index_copy_.
-    order = torch.argsort(stage, stable=True)
-    counts = torch.bincount(stage + 1, minlength=len(_STAGES) + 1).tolist()
-    parts = []
-    for s, x_s, op_s, m_s in zip(range(-1, len(_STAGES)), x.index_select(0, order).split(counts),
-                                 op[order].split(counts), m[order].split(counts)):
-        if len(x_s):
-            parts.append(x_s if s < 0 else _STAGES[s][1](x_s, op_s, m_s, interpolation))
-    return torch.cat(parts).index_select(0, torch.argsort(order))
-
-
-def _pick(table: tuple[torch.Tensor, ...], n: int, bins: torch.Tensor,
-          g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uniformly drawn op of the table per sample, at magnitude bin `bins` (N,), signed."""
-    ops, mags, signed = table
-    k = torch.randint(len(ops), (n,), device=ops.device, generator=g)
-    return ops[k], _signed(mags[k, bins], signed[k], g)
-
-
-def trivial_augment(x: torch.Tensor, g: torch.Generator | None = None,
-                    num_magnitude_bins: int = 31) -> torch.Tensor:
-    """TrivialAugmentWide per sample: one uniform op at a uniform magnitude bin. uint8 (N,C,H,W)."""
-    n, _, h, w = x.shape
-    table = _table("trivialaugment", num_magnitude_bins, h, w, x.device)
-    bins = torch.randint(num_magnitude_bins, (n,), device=x.device, generator=g)
-    return apply_ops(x, *_pick(table, n, bins, g))
-
-
-def rand_augment(x: torch.Tensor, g: torch.Generator | None = None, num_ops: int = 2,
-                 magnitude: int = 9, num_magnitude_bins: int = 31) -> torch.Tensor:
-    """RandAugment per sample: `num_ops` uniform ops at bin `magnitude`. uint8 (N,C,H,W)."""
-    n, _, h, w = x.shape
-    table = _table("randaugment", num_magnitude_bins, h, w, x.device)
-    bins = torch.full((n,), magnitude, device=x.device)
-    for _ in range(num_ops):
-        x = apply_ops(x, *_pick(table, n, bins, g))
-    return x
-
-
-def autoaugment_draw(n: int, h: int, w: int, device: torch.device, g: torch.Generator | None,
-                     policy: str = "cifar10") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """AutoAugment's draw per sample: a uniform sub-policy of `policy`, each of its two ops
-    kept with its probability (else Identity). Returns [(op (N,), magnitude (N,))] per slot."""
-    ops, mags, signed = _table("autoaugment", 10, h, w, device)
-    row = list(_AUTOAUGMENT_SPACE).index
-    subs = AUTOAUGMENT_POLICIES[policy]
-    sub_op = torch.tensor([[row(name) for name, _, _ in s] for s in subs], device=device)
-    sub_p = torch.tensor([[p for _, p, _ in s] for s in subs], device=device)
-    sub_bin = torch.tensor([[b or 0 for _, _, b in s] for s in subs], device=device)
-    k = torch.randint(len(subs), (n,), device=device, generator=g)
-    slots = []
-    for slot in range(2):
-        r = sub_op[k, slot]
-        applied = torch.rand(n, device=device, generator=g) <= sub_p[k, slot]
-        magnitude = _signed(mags[r, sub_bin[k, slot]], signed[r], g)
-        slots.append((torch.where(applied, ops[r], OP["Identity"]), magnitude))
-    return slots
-
-
-def auto_augment(x: torch.Tensor, g: torch.Generator | None = None,
-                 policy: str = "cifar10") -> torch.Tensor:
-    """AutoAugment per sample with `policy` ("cifar10" | "imagenet"). uint8 (N,C,H,W)."""
-    n, _, h, w = x.shape
-    for op, magnitude in autoaugment_draw(n, h, w, x.device, g, policy):
-        x = apply_ops(x, op, magnitude)
-    return x
-
-
-def augmix_weights(n: int, mixture_width: int, alpha: float, device: torch.device,
-                   g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """AugMix's weights: the image's m0 ~ Beta(alpha, alpha) (N,), the chains' Dirichlet(alpha)
-    weights scaled by 1 - m0 (N, mixture_width); they sum to 1 per sample."""
-    m = torch._sample_dirichlet(torch.full((n, 2), alpha, device=device), generator=g)
-    weights = torch._sample_dirichlet(torch.full((n, mixture_width), alpha, device=device),
-                                      generator=g) * m[:, 1:]
-    return m[:, 0], weights
-
-
-def augmix(x: torch.Tensor, g: torch.Generator | None = None, severity: int = 3,
-           mixture_width: int = 3, chain_depth: int = -1, alpha: float = 1.0) -> torch.Tensor:
-    """AugMix per sample (torchvision's defaults, bilinear warps): `mixture_width` chains of
-    1-3 ops (or `chain_depth`) at a uniform magnitude bin below `severity`, mixed with the
-    image by augmix_weights. uint8 (N,C,H,W)."""
-    n, _, h, w = x.shape
-    dev = x.device
-    table = _table("augmix", 10, h, w, dev)
-    m0, weights = augmix_weights(n, mixture_width, alpha, dev, g)
-    mix = m0.view(n, 1, 1, 1) * x
-    weighted = torch.empty_like(mix)  # one buffer for the three chains' weight * image
-    max_depth = chain_depth if chain_depth > 0 else 3
-    for i in range(mixture_width):
-        depth = (torch.full((n,), chain_depth, device=dev) if chain_depth > 0
-                 else torch.randint(1, 4, (n,), device=dev, generator=g))
-        aug = x
-        for step in range(max_depth):
-            bins = torch.randint(severity, (n,), device=dev, generator=g)
-            op, magnitude = _pick(table, n, bins, g)
-            aug = apply_ops(aug, torch.where(step < depth, op, OP["Identity"]), magnitude,
-                            interpolation="bilinear")
-        # torchvision's mix.add_(weight * aug), same roundings (an addcmul_ would fuse them)
-        mix.add_(torch.mul(weights[:, i].view(n, 1, 1, 1), aug, out=weighted))
     return mix.to(torch.uint8)
 
 
