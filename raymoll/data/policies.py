@@ -120,25 +120,23 @@ def _affine_theta(op: torch.Tensor, m: torch.Tensor, h: int, w: int) -> torch.Te
     """Per-sample inverse affine matrices (N,2,3) float32, as torchvision's
     _get_inverse_affine_matrix builds them for ShearX/Y (centre = top-left corner, shear =
     atan(m)), TranslateX/Y (int(m) px) and Rotate (m degrees); identity for the other ops."""
-    zero = torch.zeros_like(m)
-
-    def where(name: str, value: torch.Tensor) -> torch.Tensor:
-        return torch.where(op == OP[name], value, zero)
-
-    shear = torch.rad2deg(torch.atan(m))
-    shear_x, shear_y = where("ShearX", shear), where("ShearY", shear)
-    tx, ty = where("TranslateX", m.trunc()), where("TranslateY", m.trunc())
-    angle = where("Rotate", -torch.remainder(m, 360.0))
-    sheared = (op == OP["ShearX"]) | (op == OP["ShearY"])
-    cx = torch.where(sheared, -0.5 * w, zero)
-    cy = torch.where(sheared, -0.5 * h, zero)
-    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
-    a = torch.cos(rot - sy) / torch.cos(sy)
-    b = -(a * torch.tan(sx) + torch.sin(rot))
-    c = torch.sin(rot - sy) / torch.cos(sy)
-    d = torch.cos(rot) - c * torch.tan(sx)
-    m2 = cx - d * (cx + tx) - (-b) * (cy + ty)
-    m5 = cy - (-c) * (cx + tx) - a * (cy + ty)
+    shear, shift = torch.rad2deg(torch.atan(m)), m.trunc()
+    is_shear_x, is_shear_y = op == OP["ShearX"], op == OP["ShearY"]
+    tx = torch.where(op == OP["TranslateX"], shift, 0.0)
+    ty = torch.where(op == OP["TranslateY"], shift, 0.0)
+    rot = torch.deg2rad(torch.where(op == OP["Rotate"], -torch.remainder(m, 360.0), 0.0))
+    sx = torch.deg2rad(torch.where(is_shear_x, shear, 0.0))
+    sy = torch.deg2rad(torch.where(is_shear_y, shear, 0.0))
+    sheared = is_shear_x | is_shear_y
+    cx, cy = torch.where(sheared, -0.5 * w, 0.0), torch.where(sheared, -0.5 * h, 0.0)
+    cos_sy, tan_sx, rot_sy = torch.cos(sy), torch.tan(sx), rot - sy
+    a = torch.cos(rot_sy) / cos_sy
+    b = -(a * tan_sx + torch.sin(rot))
+    c = torch.sin(rot_sy) / cos_sy
+    d = torch.cos(rot) - c * tan_sx
+    cx_tx, cy_ty = cx + tx, cy + ty
+    m2 = cx - d * cx_tx - (-b) * cy_ty
+    m5 = cy - (-c) * cx_tx - a * cy_ty
     return torch.stack([d, -b, m2, -c, a, m5], 1).view(-1, 2, 3).float()
 
 
