@@ -44,18 +44,22 @@ def test_each_op_equals_torchvision(images, name, magnitude, interpolation):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_mixed_ops_in_one_batch_equal_torchvision_per_image(images):
-    """Every sample its own op and magnitude in one call (the grouped path)."""
+@pytest.mark.parametrize("grouped", [True, False])
+def test_mixed_ops_in_one_batch_equal_torchvision_per_image(images, grouped):
+    """Every sample its own op and magnitude in one call: grouped by stage (the CPU's path) and
+    every stage on every row (an accelerator's path, run here on the CPU)."""
     g = torch.Generator().manual_seed(3)
     n = len(images)
-    op = torch.randint(len(P.OPS), (n,), generator=g)
-    magnitude = torch.tensor([float(torch.tensor(MAGNITUDES[P.OPS[o]][0])) for o in op.tolist()],
+    op = (torch.arange(n) % len(P.OPS))[torch.randperm(n, generator=g)]  # every op, mixed
+    choices = [MAGNITUDES[P.OPS[o]] for o in op.tolist()]
+    magnitude = torch.tensor([float(torch.tensor(c[i % len(c)])) for i, c in enumerate(choices)],
                              dtype=torch.float64)
     policy = v2.TrivialAugmentWide()
     expected = torch.stack([policy._apply_image_or_video_transform(
         image, P.OPS[o], float(m), interpolation="nearest", fill=policy._fill)
         for image, o, m in zip(images, op.tolist(), magnitude.tolist())])
-    torch.testing.assert_close(P.apply_ops(images, op, magnitude), expected, rtol=0, atol=0)
+    torch.testing.assert_close(P.apply_ops(images, op, magnitude, grouped=grouped), expected,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("space,policy,bins", [
@@ -79,8 +83,8 @@ def test_autoaugment_sub_policies_are_torchvisions():
         assert P.AUTOAUGMENT_POLICIES[key] == v2.AutoAugment(policy)._policies
 
 
-@pytest.mark.parametrize("space,bins", [(P._TRIVIAL_SPACE, 31), (P._RANDAUGMENT_SPACE, 31),
-                                        (P._AUGMIX_SPACE, 10)])
+@pytest.mark.parametrize("space,bins", [("trivialaugment", 31), ("randaugment", 31),
+                                        ("augmix", 10)])
 def test_op_and_magnitude_frequencies_are_uniform(space, bins):
     """Chi-square over a large batch: op uniform over the space, bin uniform (TrivialAugment's
     draw), sign 1/2 for the signed ops."""
@@ -89,7 +93,7 @@ def test_op_and_magnitude_frequencies_are_uniform(space, bins):
     table = P._table(space, bins, 32, 32, torch.device("cpu"))
     drawn_bins = torch.randint(bins, (n,), generator=g)
     op, magnitude = P._pick(table, n, drawn_bins, g)
-    counts = torch.bincount(op, minlength=len(P.OPS))[[P.OP[name] for name in space]]
+    counts = torch.bincount(op, minlength=len(P.OPS))[[P.OP[name] for name in P._SPACES[space]]]
     assert counts.sum() == n
     assert stats.chisquare(counts.numpy()).pvalue > 1e-3
     bin_counts = torch.bincount(drawn_bins, minlength=bins)
@@ -98,7 +102,7 @@ def test_op_and_magnitude_frequencies_are_uniform(space, bins):
     negative = (magnitude[signed] < 0).sum().item()
     assert stats.binomtest(negative, signed.sum().item()).pvalue > 1e-3
     # The magnitude is the drawn bin's value of the drawn op.
-    row = {P.OP[name]: i for i, name in enumerate(space)}
+    row = {P.OP[name]: i for i, name in enumerate(P._SPACES[space])}
     expected = table[1][[row[o] for o in op.tolist()], drawn_bins]
     torch.testing.assert_close(magnitude.abs(), expected.abs(), rtol=0, atol=0)
 

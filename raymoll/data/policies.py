@@ -2,16 +2,18 @@
 (`torchvision.transforms.v2._auto_augment`, their defaults) with one op and magnitude drawn per
 sample, applied to the whole batch at once.
 
-Every op is an image-wise kernel with a per-sample parameter that has a neutral value (shear 0,
-brightness factor 1, posterize 8 bits, solarize threshold 256, ...). `apply_ops` runs the batch
-through the fixed chain of ops, each sample getting its own parameter and every op it did not
-draw at its neutral value, so the shapes never depend on the draw: no Python loop over images,
-no host sync, the same kernels on CPU and CUDA. The geometric ops (shear, translate, rotate) are
-one per-sample affine matrix and one grid_sample. Each op equals its
-`torchvision.transforms.v2.functional` kernel on uint8 images (tests/test_augment.py).
+The ops fall into a few stages, each a batched kernel with per-sample parameters: the geometric
+ops (shear, translate, rotate) are one per-sample affine matrix and one grid_sample; brightness,
+colour and contrast one blend; posterize, solarize and invert one bit operation; sharpness,
+autocontrast and equalize one kernel each. `apply_ops` gives every stage only its samples on the
+CPU (grouping them there costs one host read per call, not per image); on an accelerator every
+stage runs on the whole batch and a `where` keeps each sample's own result, so no shape depends
+on the draw and nothing waits for the device. No Python loop over images either way. Each op
+equals its `torchvision.transforms.v2.functional` kernel on uint8 images (tests/test_augment.py).
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +62,8 @@ _AUGMIX_SPACE = {
     "Rotate": _linear(30.0), "Posterize": _posterize(4, 4), "Solarize": _SOLARIZE,
     "AutoContrast": _NONE, "Equalize": _NONE, "Brightness": _linear(0.9), "Color": _linear(0.9),
     "Contrast": _linear(0.9), "Sharpness": _linear(0.9)}
+_SPACES = {"trivialaugment": _TRIVIAL_SPACE, "randaugment": _RANDAUGMENT_SPACE,
+           "autoaugment": _AUTOAUGMENT_SPACE, "augmix": _AUGMIX_SPACE}
 
 # AutoAugment's sub-policies, (op, probability, magnitude bin of 10) twice, as torchvision's.
 AUTOAUGMENT_POLICIES = {
@@ -94,8 +98,12 @@ AUTOAUGMENT_POLICIES = {
 }
 
 
-def _table(space: dict, bins: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(op ids (K,), magnitudes (K, bins) float64, signed (K,) bool) of a policy's op space."""
+@functools.lru_cache(maxsize=None)
+def _table(space: str, bins: int, h: int, w: int,
+           device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(op ids (K,), magnitudes (K, bins) float64, signed (K,) bool) of a policy's op space
+    (a name in _SPACES); built once per size and device (callers only read it)."""
+    space = _SPACES[space]
     ops = torch.tensor([OP[name] for name in space], device=device)
     mags = torch.stack([fn(bins, h, w) for fn in space.values()]).to(device)
     signed = torch.tensor([name in SIGNED for name in space], device=device)
@@ -112,41 +120,45 @@ def _affine_theta(op: torch.Tensor, m: torch.Tensor, h: int, w: int) -> torch.Te
     """Per-sample inverse affine matrices (N,2,3) float32, as torchvision's
     _get_inverse_affine_matrix builds them for ShearX/Y (centre = top-left corner, shear =
     atan(m)), TranslateX/Y (int(m) px) and Rotate (m degrees); identity for the other ops."""
-    zero = torch.zeros_like(m)
-
-    def where(name: str, value: torch.Tensor) -> torch.Tensor:
-        return torch.where(op == OP[name], value, zero)
-
-    shear_x = where("ShearX", torch.rad2deg(torch.atan(m)))
-    shear_y = where("ShearY", torch.rad2deg(torch.atan(m)))
-    tx, ty = where("TranslateX", m.trunc()), where("TranslateY", m.trunc())
-    angle = where("Rotate", -torch.remainder(m, 360.0))
-    sheared = (op == OP["ShearX"]) | (op == OP["ShearY"])
-    cx = torch.where(sheared, -0.5 * w, zero)
-    cy = torch.where(sheared, -0.5 * h, zero)
-    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
-    a = torch.cos(rot - sy) / torch.cos(sy)
-    b = -(a * torch.tan(sx) + torch.sin(rot))
-    c = torch.sin(rot - sy) / torch.cos(sy)
-    d = torch.cos(rot) - c * torch.tan(sx)
-    m2 = cx - d * (cx + tx) - (-b) * (cy + ty)
-    m5 = cy - (-c) * (cx + tx) - a * (cy + ty)
+    shear, shift = torch.rad2deg(torch.atan(m)), m.trunc()
+    is_shear_x, is_shear_y = op == OP["ShearX"], op == OP["ShearY"]
+    tx = torch.where(op == OP["TranslateX"], shift, 0.0)
+    ty = torch.where(op == OP["TranslateY"], shift, 0.0)
+    rot = torch.deg2rad(torch.where(op == OP["Rotate"], -torch.remainder(m, 360.0), 0.0))
+    sx = torch.deg2rad(torch.where(is_shear_x, shear, 0.0))
+    sy = torch.deg2rad(torch.where(is_shear_y, shear, 0.0))
+    sheared = is_shear_x | is_shear_y
+    cx, cy = torch.where(sheared, -0.5 * w, 0.0), torch.where(sheared, -0.5 * h, 0.0)
+    cos_sy, tan_sx, rot_sy = torch.cos(sy), torch.tan(sx), rot - sy
+    a = torch.cos(rot_sy) / cos_sy
+    b = -(a * tan_sx + torch.sin(rot))
+    c = torch.sin(rot_sy) / cos_sy
+    d = torch.cos(rot) - c * tan_sx
+    cx_tx, cy_ty = cx + tx, cy + ty
+    m2 = cx - d * cx_tx - (-b) * cy_ty
+    m5 = cy - (-c) * cx_tx - a * cy_ty
     return torch.stack([d, -b, m2, -c, a, m5], 1).view(-1, 2, 3).float()
 
 
 def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
-    """torchvision's _affine_grid + _apply_grid_transform (zeros outside), batched over theta."""
+    """torchvision's _affine_grid + _apply_grid_transform (zeros outside), batched over theta.
+
+    torchvision's grid is base (HW,3) @ theta^T by bmm; on the CPU that sums the three products
+    left to right in float32 without fused multiply-adds, which the elementwise form below
+    repeats bit for bit (tested against the per-image warp) at a tenth of a batched bmm's cost.
+    It is built as (N,2,H,W), whose broadcasts run along whole rows, and handed over permuted.
+    """
     n, _, h, w = x.shape
     dev = x.device
-    base = torch.empty(1, h, w, 3, device=dev)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev)
-                       .unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    rescaled = theta.transpose(1, 2).div(torch.tensor([0.5 * w, 0.5 * h], device=dev))
-    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
-    out = F.grid_sample(x.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
-    return out.round_().to(torch.uint8)
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev).view(1, 1, w)
+    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).view(1, h, 1)
+    rescaled = torch.stack((theta[:, 0] / (0.5 * w), theta[:, 1] / (0.5 * h)), 1)
+    rescaled = rescaled.view(n, 2, 3, 1, 1)
+    grid = (xs * rescaled[:, :, 0] + ys * rescaled[:, :, 1]).add_(rescaled[:, :, 2])
+    out = F.grid_sample(x.float(), grid.permute(0, 2, 3, 1), mode=mode, padding_mode="zeros",
+                        align_corners=False)
+    # Nearest copies grey levels (or the zero fill): only bilinear values need rounding.
+    return (out if mode == "nearest" else out.round_()).to(torch.uint8)
 
 
 def _blend(x: torch.Tensor, degenerate: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -164,13 +176,18 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """torchvision's adjust_sharpness_image with a per-sample factor (N,1,1,1) float64."""
-    c = x.shape[-3]
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=x.device).expand(c, 1, 3, 3)
+    """torchvision's adjust_sharpness_image with a per-sample factor (N,1,1,1) float64.
+
+    Its blur is a float32 conv with the weights 1/13 (5/13 in the centre), rounded: that is
+    round(k / 13) for the integer k = (3x3 sum) + 4 * centre, which no rounding error of the
+    conv can move across a half (k / 13 is at least 1/26 from one), so the exact sum, done in
+    float32 with whole numbers up to 3315, gives the same grey levels without a grouped conv.
+    """
     out = x.float()
-    blurred = F.conv2d(out, kernel, groups=c).round_()
+    rows = out[..., :-2, :] + out[..., 1:-1, :] + out[..., 2:, :]
     view = out[..., 1:-1, 1:-1]
+    k = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).add_(view, alpha=4.0)
+    blurred = k.div_(13.0).round_()
     view.addcmul_(blurred.sub_(view), (1.0 - factor).float())
     return out.clamp_(0, 255).to(torch.uint8)
 
@@ -182,17 +199,16 @@ def _geometric(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) ->
 def _blends(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
     """Brightness: a blend with black; Color: with the grey image; Contrast: with its mean."""
     n = len(x)
-    ratio = torch.where((op == OP["Brightness"]) | (op == OP["Color"]) | (op == OP["Contrast"]),
-                        1.0 + m, 1.0).view(n, 1, 1, 1)
     grey = _grey(x)
-    degenerate = torch.where((op == OP["Color"]).view(n, 1, 1, 1), grey,
-                             torch.where((op == OP["Contrast"]).view(n, 1, 1, 1),
-                                         grey.mean(dim=(-3, -2, -1), keepdim=True), 0.0))
-    return _blend(x, degenerate, ratio)
+    # grey * 1 + mean * 0 (and the like) is exact: cheaper than a where over the pixels.
+    is_color = (op == OP["Color"]).float().view(n, 1, 1, 1)
+    is_contrast = (op == OP["Contrast"]).float().view(n, 1, 1, 1)
+    degenerate = (grey * is_color).add_(grey.mean(dim=(-3, -2, -1), keepdim=True) * is_contrast)
+    return _blend(x, degenerate, (1.0 + m).view(n, 1, 1, 1))
 
 
 def _sharpness(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    return _sharpen(x, torch.where(op == OP["Sharpness"], 1.0 + m, 1.0).view(-1, 1, 1, 1))
+    return _sharpen(x, (1.0 + m).view(-1, 1, 1, 1))
 
 
 def _posterize_solarize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor,
@@ -203,43 +219,75 @@ def _posterize_solarize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor,
     # Invert is solarize at threshold 0; 256 (no pixel reaches it) leaves a sample unchanged.
     threshold = torch.where(op == OP["Solarize"], 255.0 * m,
                             torch.where(op == OP["Invert"], 0.0, 256.0)).float().view(n, 1, 1, 1)
-    return torch.where(x.float() >= threshold, x.bitwise_not(), x)
+    # Flipping every bit of the pixels at or above it (x ^ 255 = 255 - x) without a where.
+    return x ^ (x >= threshold).to(torch.uint8).mul_(255)
 
 
 def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    return torch.where((op == OP["AutoContrast"]).view(-1, 1, 1, 1), TF.autocontrast(x), x)
+    return TF.autocontrast(x)
 
 
 def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    return torch.where((op == OP["Equalize"]).view(-1, 1, 1, 1), TF.equalize(x), x)
+    """torchvision's equalize_image (PIL's LUT per channel, left as is where it is flat), with
+    all histograms counted by one index_add_ (unlike bincount, no host sync on CUDA) and the
+    LUTs applied by one lookup, both on int32 indices (torchvision's need int64)."""
+    n, c, h, w = x.shape
+    rows = n * c
+    offsets = torch.arange(0, rows * 256, 256, dtype=torch.int32, device=x.device)
+    index = (x.reshape(rows, h * w).int() + offsets.view(rows, 1)).view(-1)
+    hist = torch.zeros(rows * 256, dtype=torch.int32, device=x.device)
+    hist = hist.index_add_(0, index, hist.new_ones(1).expand(len(index))).view(rows, 256)
+    cum = hist.cumsum(-1)
+    step = (h * w - hist.gather(-1, cum.argmax(-1, keepdim=True))).div_(255, rounding_mode="floor")
+    lut = (cum[:, :-1] + step // 2).div_(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
+    lut = torch.cat([lut.new_zeros(rows, 1), lut], 1)
+    lut = torch.where(step != 0, lut, torch.arange(256, device=x.device)).to(torch.uint8)
+    return lut.view(-1).index_select(0, index).view_as(x)
 
 
-# The chain: (the ops a stage implements, the stage); each leaves the other ops' samples as is.
+# The stages: (the ops a stage implements, its kernel). A kernel gets (x, op, m, interpolation)
+# and returns the result for rows whose op is one of its ops (other rows' results are not used).
 _STAGES = ((("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"), _geometric),
            (("Brightness", "Color", "Contrast"), _blends), (("Sharpness",), _sharpness),
            (("Posterize", "Solarize", "Invert"), _posterize_solarize),
            (("AutoContrast",), _autocontrast), (("Equalize",), _equalize))
 
 
+@functools.lru_cache(maxsize=None)
+def _stage_of(device: torch.device) -> torch.Tensor:
+    """The stage of each op (index into _STAGES; -1 for Identity, which needs none), (len(OPS),)
+    on `device`: built once per device, so no call copies it from the host."""
+    return torch.tensor([next((s for s, (names, _) in enumerate(_STAGES) if name in names), -1)
+                         for name in OPS], device=device)
+
+
 def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor,
-              interpolation: str = "nearest") -> torch.Tensor:
+              interpolation: str = "nearest", grouped: bool | None = None) -> torch.Tensor:
     """Apply op[i] (an index into OPS) at magnitude[i] (torchvision's signed magnitude) to x[i].
 
     x: (N,C,H,W) uint8; op: (N,) int64; magnitude: (N,) float64, on x's device. Returns uint8.
-    On the CPU each stage runs only on the rows that drew one of its ops (finding them costs
-    nothing there); on an accelerator it runs on every row, the others at neutral parameters,
-    so no shape depends on the draw and nothing waits for the device.
+    grouped (default: on the CPU): the rows are sorted by stage and each stage runs on its
+    slice only (the group sizes are a host read, which costs nothing on the CPU). Otherwise
+    every stage runs on every row and a `where` keeps each row's own stage, so no shape depends
+    on the draw and nothing waits for the device.
     """
     m = magnitude.to(torch.float64)
-    for names, stage in _STAGES:
-        if x.device.type != "cpu":
-            x = stage(x, op, m, interpolation)
-            continue
-        rows = torch.isin(op, torch.tensor([OP[name] for name in names])).nonzero().flatten()
-        if len(rows):
-            done = stage(x.index_select(0, rows), op[rows], m[rows], interpolation)
-            x = x.index_copy(0, rows, done)
-    return x
+    stage = _stage_of(op.device)[op]
+    if grouped is None:
+        grouped = x.device.type == "cpu"
+    if not grouped:
+        for s, (_, kernel) in enumerate(_STAGES):
+            x = torch.where((stage == s).view(-1, 1, 1, 1), kernel(x, op, m, interpolation), x)
+        return x
+    # Sorted by stage and back by index_select: on the CPU far cheaper than an index_copy_.
+    order = torch.argsort(stage, stable=True)
+    counts = torch.bincount(stage + 1, minlength=len(_STAGES) + 1).tolist()
+    parts = []
+    for s, x_s, op_s, m_s in zip(range(-1, len(_STAGES)), x.index_select(0, order).split(counts),
+                                 op[order].split(counts), m[order].split(counts)):
+        if len(x_s):
+            parts.append(x_s if s < 0 else _STAGES[s][1](x_s, op_s, m_s, interpolation))
+    return torch.cat(parts).index_select(0, torch.argsort(order))
 
 
 def _pick(table: tuple[torch.Tensor, ...], n: int, bins: torch.Tensor,
@@ -254,7 +302,7 @@ def trivial_augment(x: torch.Tensor, g: torch.Generator | None = None,
                     num_magnitude_bins: int = 31) -> torch.Tensor:
     """TrivialAugmentWide per sample: one uniform op at a uniform magnitude bin. uint8 (N,C,H,W)."""
     n, _, h, w = x.shape
-    table = _table(_TRIVIAL_SPACE, num_magnitude_bins, h, w, x.device)
+    table = _table("trivialaugment", num_magnitude_bins, h, w, x.device)
     bins = torch.randint(num_magnitude_bins, (n,), device=x.device, generator=g)
     return apply_ops(x, *_pick(table, n, bins, g))
 
@@ -263,24 +311,31 @@ def rand_augment(x: torch.Tensor, g: torch.Generator | None = None, num_ops: int
                  magnitude: int = 9, num_magnitude_bins: int = 31) -> torch.Tensor:
     """RandAugment per sample: `num_ops` uniform ops at bin `magnitude`. uint8 (N,C,H,W)."""
     n, _, h, w = x.shape
-    table = _table(_RANDAUGMENT_SPACE, num_magnitude_bins, h, w, x.device)
+    table = _table("randaugment", num_magnitude_bins, h, w, x.device)
     bins = torch.full((n,), magnitude, device=x.device)
     for _ in range(num_ops):
         x = apply_ops(x, *_pick(table, n, bins, g))
     return x
 
 
+@functools.lru_cache(maxsize=None)
+def _sub_policies(policy: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """AUTOAUGMENT_POLICIES[policy] as (op row in _AUTOAUGMENT_SPACE, probability, magnitude
+    bin), each (25, 2), on `device`; built once (callers only read them)."""
+    row = list(_AUTOAUGMENT_SPACE).index
+    subs = AUTOAUGMENT_POLICIES[policy]
+    return (torch.tensor([[row(name) for name, _, _ in s] for s in subs], device=device),
+            torch.tensor([[p for _, p, _ in s] for s in subs], device=device),
+            torch.tensor([[b or 0 for _, _, b in s] for s in subs], device=device))
+
+
 def autoaugment_draw(n: int, h: int, w: int, device: torch.device, g: torch.Generator | None,
                      policy: str = "cifar10") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """AutoAugment's draw per sample: a uniform sub-policy of `policy`, each of its two ops
     kept with its probability (else Identity). Returns [(op (N,), magnitude (N,))] per slot."""
-    ops, mags, signed = _table(_AUTOAUGMENT_SPACE, 10, h, w, device)
-    row = list(_AUTOAUGMENT_SPACE).index
-    subs = AUTOAUGMENT_POLICIES[policy]
-    sub_op = torch.tensor([[row(name) for name, _, _ in s] for s in subs], device=device)
-    sub_p = torch.tensor([[p for _, p, _ in s] for s in subs], device=device)
-    sub_bin = torch.tensor([[b or 0 for _, _, b in s] for s in subs], device=device)
-    k = torch.randint(len(subs), (n,), device=device, generator=g)
+    ops, mags, signed = _table("autoaugment", 10, h, w, device)
+    sub_op, sub_p, sub_bin = _sub_policies(policy, device)
+    k = torch.randint(len(sub_op), (n,), device=device, generator=g)
     slots = []
     for slot in range(2):
         r = sub_op[k, slot]
@@ -313,23 +368,28 @@ def augmix(x: torch.Tensor, g: torch.Generator | None = None, severity: int = 3,
            mixture_width: int = 3, chain_depth: int = -1, alpha: float = 1.0) -> torch.Tensor:
     """AugMix per sample (torchvision's defaults, bilinear warps): `mixture_width` chains of
     1-3 ops (or `chain_depth`) at a uniform magnitude bin below `severity`, mixed with the
-    image by augmix_weights. uint8 (N,C,H,W)."""
+    image by augmix_weights. uint8 (N,C,H,W).
+
+    The chains are independent, so they run side by side as one batch of width * N rows (row
+    i * N + j is chain i of sample j): one apply_ops call per step instead of one per chain."""
     n, _, h, w = x.shape
     dev = x.device
-    table = _table(_AUGMIX_SPACE, 10, h, w, dev)
+    rows = mixture_width * n
+    table = _table("augmix", 10, h, w, dev)
     m0, weights = augmix_weights(n, mixture_width, alpha, dev, g)
+    depth = (torch.full((rows,), chain_depth, device=dev) if chain_depth > 0
+             else torch.randint(1, 4, (rows,), device=dev, generator=g))
+    aug = x.repeat(mixture_width, 1, 1, 1)
+    for step in range(chain_depth if chain_depth > 0 else 3):
+        bins = torch.randint(severity, (rows,), device=dev, generator=g)
+        op, magnitude = _pick(table, rows, bins, g)
+        aug = apply_ops(aug, torch.where(step < depth, op, OP["Identity"]), magnitude,
+                        interpolation="bilinear")
     mix = m0.view(n, 1, 1, 1) * x
-    max_depth = chain_depth if chain_depth > 0 else 3
-    for i in range(mixture_width):
-        depth = (torch.full((n,), chain_depth, device=dev) if chain_depth > 0
-                 else torch.randint(1, 4, (n,), device=dev, generator=g))
-        aug = x
-        for step in range(max_depth):
-            bins = torch.randint(severity, (n,), device=dev, generator=g)
-            op, magnitude = _pick(table, n, bins, g)
-            aug = apply_ops(aug, torch.where(step < depth, op, OP["Identity"]), magnitude,
-                            interpolation="bilinear")
-        mix.add_(weights[:, i].view(n, 1, 1, 1) * aug)
+    weighted = torch.empty_like(mix)  # one buffer for the chains' weight * image
+    for i, chain in enumerate(aug.split(n)):
+        # torchvision's mix.add_(weight * aug), same roundings (an addcmul_ would fuse them)
+        mix.add_(torch.mul(weights[:, i].view(n, 1, 1, 1), chain, out=weighted))
     return mix.to(torch.uint8)
 
 
