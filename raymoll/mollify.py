@@ -121,8 +121,10 @@ def _blur(x: Tensor, tau: Tensor, dct: Tensor, eigenvalues: Tensor) -> Tensor:
         # x K as one product per sample over all its channels' rows: (N, C*S, S) @ (N, S, S).
         right = torch.bmm(x.to(dct.dtype).reshape(n, c * s, s), kernel).view(n, c, s, s)
         blurred = (kernel[:, None] @ right).to(x.dtype)
-    # Into `blurred` (ours, x's shape and dtype): no second buffer of the batch's size.
-    return torch.where(tau[:, None, None, None] > 0, blurred, x, out=blurred)
+    # Into `blurred` (ours, x's shape and dtype): no second buffer of the batch's size. Autograd
+    # refuses out= arguments, so a differentiated blur gets a new buffer.
+    out = None if x.requires_grad or blurred.requires_grad else blurred
+    return torch.where(tau[:, None, None, None] > 0, blurred, x, out=out)
 
 
 def heat_blur(x: Tensor, tau: Tensor) -> Tensor:
