@@ -132,6 +132,12 @@ def test_full_blur_leaves_almost_only_channel_means():
     assert out.std(dim=(2, 3)).max() < 0.01 * x.std(dim=(2, 3)).min()
 
 
+def test_heat_blur_is_differentiable():
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor([0.2, 0.7], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(heat_blur, (x, tau))
+
+
 def test_heat_blur_ignores_autocast_and_keeps_dtype():
     x, _ = batch(2)
     tau = torch.tensor([0.3, 3.0])
