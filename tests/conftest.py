@@ -9,6 +9,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ray Train's controller polls its workers every 2 s by default; each run waits out a few polls
+# (start, each state change, the end), ~5 s of a tiny test run's ~25 s. Set for the whole
+# session (before any Ray starts), so the clusters and drivers the tests start inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 
 def _free_port() -> int:
     """A free loopback port from the kernel's ephemeral range (above 32767 here, so outside
