@@ -87,3 +87,29 @@ def s3_bucket():
     boto3.client("s3").create_bucket(Bucket="raymoll")
     yield "raymoll"
     server.stop()
+
+
+# The 2-trial `raymoll tune` that two test files read: tests/test_s3.py its trials.parquet and
+# best.yaml on S3, tests/test_tracking.py its MLflow runs (one search, both concerns: each search
+# costs ~40 s of Ray Train start-ups here).
+SEARCH_RATES = [0.05, 1e-5]
+SEARCH_EPOCHS = 2
+
+
+@pytest.fixture(scope="session")
+def s3_tracked_search(ray_local, s3_bucket, fashion_mnist_dir, tmp_path_factory):
+    """A 2-epoch grid search over SEARCH_RATES with run.storage_path on the S3 server and
+    run.tracker=mlflow on a local sqlite store; returns (its s3:// folder, the MLflow URI)."""
+    from raymoll.cli import main
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    storage = f"s3://{s3_bucket}/tune"
+    assert main(["tune", "--config", str(REPO / "jobs" / "configs" / "fashion_tune.yaml"),
+                 f"data.path={fashion_mnist_dir}", "data.train_subset=512", "data.batch_size=32",
+                 "data.num_workers=1", "eval.val_subset=128", "model.width=8",
+                 f"optim.epochs={SEARCH_EPOCHS}", f"run.storage_path={storage}",
+                 "run.name=search", "run.tracker=mlflow", f"run.tracker_uri={uri}",
+                 "run.cpus_per_worker=0.25", "tune.trial_cpus=0.5", "tune.max_concurrent=2",
+                 "tune.num_samples=1", f"tune.grace_period={SEARCH_EPOCHS}",
+                 "tune.objective={val_accuracy: 1.0}",
+                 f"tune.space={{optim.lr: {{type: grid, values: {SEARCH_RATES}}}}}"]) == 0
+    return storage, uri

@@ -1,18 +1,13 @@
-"""EMA weights (optim.ema_decay): the average against its definition, the checkpoint's save and
-restore path, and one real Ray run whose EMA checkpoint `raymoll evaluate --weights ema` scores."""
+"""EMA weights (optim.ema_decay): the average against its definition and the checkpoint's save
+and restore path. The real Ray runs of tests/test_train.py train with EMA on: there a resumed
+run keeps its EMA bitwise, and `raymoll evaluate --weights ema` scores the EMA checkpoint."""
 from pathlib import Path
 
-import pandas as pd
-import pytest
 import torch
 from torch import nn
 
 from raymoll.checkpoint import load_checkpoint, load_model, save_checkpoint
-from raymoll.cli import main
 from raymoll.config import load_config
-from raymoll.data import load_split, normalizer
-from raymoll.inference import score
-from raymoll.results import read_results, run_settings
 from raymoll.train.ema import WeightEMA
 from raymoll.train.loop import build_trainee, checkpoint_state, restore, train_step
 
@@ -100,33 +95,3 @@ def test_a_resumed_run_keeps_its_ema(tmp_path):
     raw_model, _ = load_model(tmp_path, weights="raw")
     torch.testing.assert_close(ema_model.state_dict(), state["ema"])
     torch.testing.assert_close(raw_model.state_dict(), state["model"])
-
-
-@pytest.mark.ray
-def test_ray_run_with_ema_then_evaluate_the_ema_weights(ray_local, fashion_mnist_dir, tmp_path):
-    from raymoll.train import fit
-    cfg = load_config(CONFIG, ["optim.epochs=2", "data.train_subset=2048", "eval.val_subset=200",
-                               "data.batch_size=64", "model.width=16", "optim.ema_decay=0.9",
-                               f"data.path={fashion_mnist_dir}", f"run.storage_path={tmp_path}",
-                               "run.name=ema"])
-    result = fit(cfg)
-    metrics = result.metrics
-    assert metrics["epoch"] == 2 and {"ema_clean_accuracy", "ema_val_score"} <= set(metrics)
-    state = load_checkpoint(result.last_checkpoint)
-    assert state["selected"] == ("ema" if metrics["ema_val_score"] >= metrics["val_score"]
-                                 else "raw")
-    # The checkpointed EMA weights are the ones whose validation metrics were reported.
-    model, _ = load_model(result.last_checkpoint, weights="ema")
-    images, labels = load_split(fashion_mnist_dir, "val", subset=200)
-    assert score(model, images, labels, normalizer(state["meta"])).compute()["accuracy"] == \
-        pytest.approx(metrics["ema_clean_accuracy"], abs=1e-9)
-
-    out = tmp_path / "ema.parquet"
-    assert main(["evaluate", "--checkpoint", result.last_checkpoint, "--data",
-                 str(fashion_mnist_dir), "--out", str(out), "--subset", "200", "--severities",
-                 "1", "--runner", "local", "--device", "cpu", "--weights", "ema"]) == 0
-    assert run_settings(read_results(out))["ema"]["weights"] == "ema"
-    test_images, test_labels = load_split(fashion_mnist_dir, "test", subset=200)
-    clean = pd.read_parquet(out).query("corruption == 'clean'")["accuracy"].item()
-    assert clean == pytest.approx(score(model, test_images, test_labels,
-                                        normalizer(state["meta"])).compute()["accuracy"])

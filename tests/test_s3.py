@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import SEARCH_EPOCHS, SEARCH_RATES
 from raymoll.cli import main
 from raymoll.io import (StorageError, WriteError, atomic_path, atomic_write, check_writable,
                         check_writable_folder, exists, is_file, read_parquet, read_text,
@@ -175,21 +176,15 @@ def test_evaluate_and_report_read_and_write_s3(s3_train, s3_bucket, fashion_mnis
 
 
 @pytest.mark.ray
-def test_tune_writes_trials_and_best_config_to_s3(ray_local, s3_bucket, fashion_mnist_dir):
-    rates = [0.05, 1e-5]
-    assert main(["tune", "--config", str(CONFIGS / "fashion_tune.yaml"),
-                 f"data.path={fashion_mnist_dir}", "data.train_subset=512", "data.batch_size=32",
-                 "data.num_workers=1", "eval.val_subset=128", "model.width=8", "optim.epochs=1",
-                 f"run.storage_path=s3://{s3_bucket}/tune", "run.name=search",
-                 "run.cpus_per_worker=0.25", "tune.trial_cpus=0.5", "tune.max_concurrent=2",
-                 "tune.num_samples=1", "tune.objective={val_accuracy: 1.0}",
-                 f"tune.space={{optim.lr: {{type: grid, values: {rates}}}}}"]) == 0
+def test_tune_writes_trials_and_best_config_to_s3(s3_tracked_search, s3_bucket):
+    storage, _ = s3_tracked_search  # the search of conftest.py, on s3://<bucket>/tune
     found = _objects(s3_bucket, "tune/search/")
     trials = pq.read_table(io.BytesIO(found["tune/search/trials.parquet"])).to_pandas()
-    assert sorted(trials["config/optim.lr"]) == sorted(rates)
-    assert set(trials["trial_status"]) == {"completed"} and set(trials["epoch"]) == {1}
-    best = trials.loc[trials["val_score"].idxmax()]
+    last = trials.sort_values("epoch").groupby("trial_id").tail(1)
+    assert sorted(last["config/optim.lr"]) == sorted(SEARCH_RATES)
+    assert set(last["trial_status"]) == {"completed"} and set(last["epoch"]) == {SEARCH_EPOCHS}
+    best = last.loc[last["val_score"].idxmax()]
     best_yaml = yaml.safe_load(found["tune/search/best.yaml"])
     assert best_yaml["optim"]["lr"] == best["config/optim.lr"]
     assert best_yaml["run"]["name"] == "search-best"
-    assert best_yaml["run"]["storage_path"] == f"s3://{s3_bucket}/tune"
+    assert best_yaml["run"]["storage_path"] == storage

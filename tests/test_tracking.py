@@ -1,6 +1,7 @@
 """Live tracking with the real clients, offline: a 2-epoch `raymoll train` per tracker on a
-real local Ray (the three at once), read back with TensorBoard's event reader, MlflowClient on a sqlite store, and
-W&B's offline run folder; a 2-trial `raymoll tune` logged by Tune's MLflow callback."""
+real local Ray (the three at once), read back with TensorBoard's event reader, MlflowClient on
+a sqlite store, and W&B's offline run folder; a 2-trial `raymoll tune` logged by Tune's MLflow callback (the
+search of conftest.py, which tests/test_s3.py reads too)."""
 import os
 import struct
 import subprocess
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SEARCH_EPOCHS, SEARCH_RATES
 from raymoll.checkpoint import load_checkpoint
-from raymoll.cli import main
 from raymoll.config import ConfigError, load_config, to_dict
 from raymoll.tracking import flat_params, log_evaluation
 
@@ -146,19 +147,12 @@ def test_wandb_offline_run_folder_holds_the_metrics(tracked):
 
 
 @pytest.mark.ray
-def test_mlflow_logs_every_tune_trial(ray_local, fashion_mnist_dir, tmp_path):
+def test_mlflow_logs_every_tune_trial(s3_tracked_search):
     from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = TINY + [f"data.path={fashion_mnist_dir}", f"run.storage_path={tmp_path}",
-                   "run.name=search", "run.tracker=mlflow", f"run.tracker_uri={uri}",
-                   "run.cpus_per_worker=0.25", "tune.trial_cpus=0.5", "tune.max_concurrent=2",
-                   "tune.num_samples=1", "tune.grace_period=2",
-                   "tune.space={optim.lr: {type: grid, values: [0.05, 0.01]}}"]
-    assert main(["tune", "--config", str(CONFIGS / "fashion_tune.yaml"), *args]) == 0
+    _, uri = s3_tracked_search  # the search of conftest.py (its storage on the S3 test server)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
-    assert sorted(float(r.data.params["optim.lr"]) for r in runs) == [0.01, 0.05]
+    assert sorted(float(r.data.params["optim.lr"]) for r in runs) == sorted(SEARCH_RATES)
     for run in runs:
         epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch")]
-        assert sorted(epochs) == [1.0, 2.0]  # one result per epoch, each with its metrics
-        assert len(client.get_metric_history(run.info.run_id, "val_score")) == 2
+        assert sorted(epochs) == list(map(float, range(1, SEARCH_EPOCHS + 1)))  # once per epoch

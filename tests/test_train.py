@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -20,13 +21,16 @@ from raymoll.data.prepare import _sha256, _write_split
 from raymoll.data.sources import ArraySplit
 from raymoll.inference import score
 from raymoll.mollify import Mollifier, MollifyConfig
+from raymoll.results import read_results, run_settings
 from raymoll.train.loop import FAULT_DRILL_ENV, Trainee, smooth_labels, training_batch
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fashion_small.yaml"
-# Augmentation (fcr + a policy) and MixUp on, so exact resume covers every random stream.
+# Augmentation (fcr + a policy) and MixUp on, so exact resume covers every random stream; EMA
+# on, so it covers the averaged weights too.
 TINY = ["optim.epochs=2", "data.train_subset=4096", "eval.val_subset=200",
         "data.batch_size=64", "model.width=16", "data.augment=[fcr,trivialaugment]",
-        "data.mixup_alpha=0.2", "run.num_workers=2", "run.num_to_keep=10"]
+        "data.mixup_alpha=0.2", "optim.ema_decay=0.9", "run.num_workers=2",
+        "run.num_to_keep=10"]
 
 
 def _fit(data_dir, storage, name: str, drill: str | None = None, extra=()):
@@ -104,6 +108,7 @@ def test_resumed_run_reaches_the_uninterrupted_weights_bitwise(runs):
     assert sorted(_checkpoints(b)) == [1, 2]  # epoch 1 was not redone after the restart
     final_a, final_b = _checkpoints(a)[2], _checkpoints(b)[2]
     assert _same_weights(final_a["model"], final_b["model"])
+    assert _same_weights(final_a["ema"], final_b["ema"])  # a resumed run keeps its EMA
     assert final_a["metrics"]["train_loss"] == final_b["metrics"]["train_loss"]
 
 
@@ -123,13 +128,38 @@ def test_test_split_cannot_influence_training_or_selection(runs):
 @pytest.mark.ray
 def test_checkpoint_reproduces_reported_accuracy(runs, fashion_mnist_dir):
     cfg, result = runs["A"]
-    model, state = load_model(result.last_checkpoint)
+    model, state = load_model(result.last_checkpoint, weights="raw")
     images, labels = load_split(fashion_mnist_dir, "val", subset=cfg.eval.val_subset)
     metrics = score(model, images, labels, normalizer(state["meta"])).compute()
     assert metrics["n"] == cfg.eval.val_subset
     assert metrics["accuracy"] == pytest.approx(result.metrics["clean_accuracy"], abs=1e-9)
     assert metrics["nll"] == pytest.approx(result.metrics["clean_nll"], rel=1e-4)
     assert state["config"]["run"]["name"] == "a"
+
+
+@pytest.mark.ray
+def test_ema_weights_are_checkpointed_selected_and_evaluated(runs, fashion_mnist_dir, tmp_path):
+    cfg, result = runs["A"]
+    metrics = result.metrics
+    assert {"ema_clean_accuracy", "ema_val_score"} <= set(metrics)
+    state = load_checkpoint(result.last_checkpoint)
+    assert state["selected"] == ("ema" if metrics["ema_val_score"] >= metrics["val_score"]
+                                 else "raw")
+    # The checkpointed EMA weights are the ones whose validation metrics were reported.
+    model, _ = load_model(result.last_checkpoint, weights="ema")
+    images, labels = load_split(fashion_mnist_dir, "val", subset=cfg.eval.val_subset)
+    assert score(model, images, labels, normalizer(state["meta"])).compute()["accuracy"] == \
+        pytest.approx(metrics["ema_clean_accuracy"], abs=1e-9)
+
+    out = tmp_path / "ema.parquet"
+    assert main(["evaluate", "--checkpoint", result.last_checkpoint, "--data",
+                 str(fashion_mnist_dir), "--out", str(out), "--subset", "200", "--severities",
+                 "1", "--runner", "local", "--device", "cpu", "--weights", "ema"]) == 0
+    assert run_settings(read_results(out))["a"]["weights"] == "ema"
+    test_images, test_labels = load_split(fashion_mnist_dir, "test", subset=200)
+    clean = pd.read_parquet(out).query("corruption == 'clean'")["accuracy"].item()
+    assert clean == pytest.approx(score(model, test_images, test_labels,
+                                        normalizer(state["meta"])).compute()["accuracy"])
 
 
 @pytest.mark.ray
