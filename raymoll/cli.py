@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from raymoll.config import help_text, load_config
+from raymoll.config import Config, help_text, load_config
 from raymoll.errors import RaymollError
 from raymoll.io import check_writable_folder
 from raymoll.preflight import (EVALUATION_RUNNERS, check_evaluate, check_study, check_train,
@@ -31,9 +31,17 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _check_data_files(cfg: Config) -> None:
+    """The .beton files against meta.json (FFCV's reader, hashes): after the fast checks of
+    raymoll.preflight, still before Ray starts."""
+    from raymoll.data import read_meta
+    read_meta(cfg.data.path)
+
+
 def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on a bad value
     check_train(cfg)
+    _check_data_files(cfg)
     from raymoll.run_folder import claim_run_folder
     claim_run_folder(cfg, restart=args.restart)  # same name, other settings: refused here
     import ray.train
@@ -63,6 +71,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     check_tune(cfg, resume=args.resume)
+    _check_data_files(cfg)
     from raymoll.tune import run_search
     from raymoll.runtime import check_resources, init_ray
     from raymoll.train.trainer import worker_resources
@@ -74,6 +83,7 @@ def _tune(args: argparse.Namespace) -> None:
 def _study(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     check_study(cfg, resume=args.resume)  # every cell, the data, the storage: before Ray
+    _check_data_files(cfg)
     from raymoll.study import run_study
     from raymoll.runtime import init_ray
     init_ray()
