@@ -32,7 +32,10 @@ def images():
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
 @pytest.mark.parametrize("name,magnitude", CASES)
 def test_each_op_equals_torchvision(images, name, magnitude, interpolation):
-    """Exact on uint8, geometric ops included (nearest and bilinear, AugMix's)."""
+    """Exact on uint8, the nearest warps included. A bilinear warp (AugMix's) is within one grey
+    level on under 1% of pixels: torchvision builds its sampling grid with a bmm, which fuses
+    multiply-adds on some CPUs (AVX-512) and not on others, and the last bit of a coordinate
+    can move a value across a rounding boundary."""
     magnitude = float(torch.tensor(magnitude, dtype=torch.float32))
     policy = v2.TrivialAugmentWide()
     expected = torch.stack([policy._apply_image_or_video_transform(
@@ -41,7 +44,11 @@ def test_each_op_equals_torchvision(images, name, magnitude, interpolation):
     n = len(images)
     out = P.apply_ops(images, torch.full((n,), P.OP[name]),
                       torch.full((n,), magnitude, dtype=torch.float64), interpolation)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    if interpolation == "nearest":
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    else:
+        difference = (out.int() - expected.int()).abs()
+        assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01
 
 
 @pytest.mark.parametrize("grouped", [True, False])

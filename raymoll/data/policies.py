@@ -9,7 +9,8 @@ autocontrast and equalize one kernel each. `apply_ops` gives every stage only it
 CPU (grouping them there costs one host read per call, not per image); on an accelerator every
 stage runs on the whole batch and a `where` keeps each sample's own result, so no shape depends
 on the draw and nothing waits for the device. No Python loop over images either way. Each op
-equals its `torchvision.transforms.v2.functional` kernel on uint8 images (tests/test_augment.py).
+equals its `torchvision.transforms.v2.functional` kernel on uint8 images, bilinear warps to
+within one grey level (tests/test_augment.py).
 """
 from __future__ import annotations
 
@@ -143,9 +144,10 @@ def _affine_theta(op: torch.Tensor, m: torch.Tensor, h: int, w: int) -> torch.Te
 def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
     """torchvision's _affine_grid + _apply_grid_transform (zeros outside), batched over theta.
 
-    torchvision's grid is base (HW,3) @ theta^T by bmm; on the CPU that sums the three products
-    left to right in float32 without fused multiply-adds, which the elementwise form below
-    repeats bit for bit (tested against the per-image warp) at a tenth of a batched bmm's cost.
+    torchvision's grid is base (HW,3) @ theta^T by bmm, which sums the three products left to
+    right in float32; the elementwise form below does the same at a tenth of a batched bmm's
+    cost. Where the bmm fuses multiply-adds (AVX-512 CPUs) a coordinate can differ in its last
+    bit: nearest warps stay exact, a bilinear value can move by one grey level (tested).
     It is built as (N,2,H,W), whose broadcasts run along whole rows, and handed over permuted.
     """
     n, _, h, w = x.shape
