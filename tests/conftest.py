@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 # (start, each state change, the end), ~5 s of a tiny test run's ~25 s. Set for the whole
 # session (before any Ray starts), so the clusters and drivers the tests start inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Each run also starts a preemption watcher (an actor process polling for node drains, ~2 s
+# of imports); no test drains a node.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _free_port() -> int:
@@ -108,8 +111,9 @@ def s3_tracked_search(ray_local, s3_bucket, fashion_mnist_dir, tmp_path_factory)
                  "data.num_workers=1", "eval.val_subset=128", "model.width=8",
                  f"optim.epochs={SEARCH_EPOCHS}", f"run.storage_path={storage}",
                  "run.name=search", "run.tracker=mlflow", f"run.tracker_uri={uri}",
-                 "run.cpus_per_worker=0.25", "tune.trial_cpus=0.5", "tune.max_concurrent=2",
-                 "tune.num_samples=1", f"tune.grace_period={SEARCH_EPOCHS}",
+                 "run.num_workers=1", "run.cpus_per_worker=0.25", "tune.trial_cpus=0.5",
+                 "tune.max_concurrent=2", "tune.num_samples=1",
+                 f"tune.grace_period={SEARCH_EPOCHS}",
                  "tune.objective={val_accuracy: 1.0}",
                  f"tune.space={{optim.lr: {{type: grid, values: {SEARCH_RATES}}}}}"]) == 0
     return storage, uri

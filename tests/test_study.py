@@ -184,11 +184,12 @@ def test_paired_differences_pair_by_seed_and_other_axes():
 
 
 def small_study_overrides(data, storage):
-    """study_fashion.yaml cut to 4 cells (plain, mollified x seeds 0, 1), tiny sizes."""
+    """study_fashion.yaml cut to 4 cells (plain, mollified x seeds 0, 1), tiny sizes, one
+    worker per cell (DDP is test_train's; each worker costs ~10 s of imports)."""
     return [f"data.path={data}", f"run.storage_path={storage}", "data.train_subset=512",
             "study.axes={method: [plain, mollified]}",
             "study.eval_subset=50", "eval.val_subset=128", "model.width=8", "optim.epochs=1",
-            "run.cpus_per_worker=0.5", "tune.trial_cpus=0.5"]
+            "run.num_workers=1", "run.cpus_per_worker=0.5", "tune.trial_cpus=0.5"]
 
 
 @pytest.fixture(scope="module")

@@ -189,9 +189,10 @@ def test_defect1_killed_driver_resumes_from_the_newest_checkpoint(ray_local, fas
                                                                    tmp_path):
     """The driver is killed the moment epoch 2's checkpoint is in storage, before Ray's
     controller (which polls its workers) has registered it; the re-run continues from epoch 2."""
+    # One worker: the defect is the driver's death (DDP is the A/B/C runs').
     args = ["train", "--config", str(CONFIG), *TINY, "optim.epochs=3", "data.train_subset=1024",
             f"data.path={fashion_mnist_dir}", f"run.storage_path={tmp_path}", "run.name=killed",
-            "run.num_to_keep=10"]
+            "run.num_to_keep=10", "run.num_workers=1"]
     env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     driver = subprocess.Popen([sys.executable, "-m", "raymoll.cli", *args], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

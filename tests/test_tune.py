@@ -193,8 +193,9 @@ def interrupted_search(ray_local, fashion_mnist_dir, tmp_path_factory):
         f"optim.epochs={EPOCHS}", f"run.storage_path={out}", "run.name=search",
         # Ray Train's placement groups of trials that ASHA stops are freed by a helper that
         # needs the dashboard (absent here): small worker CPUs keep any leak from blocking.
-        "run.cpus_per_worker=0.25", "tune.trial_cpus=0.5", "tune.max_concurrent=2",
-        "tune.num_samples=1", "tune.objective={val_accuracy: 1.0}",
+        # One worker per trial: DDP is test_train's; each worker costs ~10 s of imports.
+        "run.num_workers=1", "run.cpus_per_worker=0.25", "tune.trial_cpus=0.5",
+        "tune.max_concurrent=2", "tune.num_samples=1", "tune.objective={val_accuracy: 1.0}",
         "tune.space={optim.lr: {type: grid, values: [0.05, 1.0e-5, 1.0e-5, 1.0e-5]},"
         " clean_fraction: {type: uniform, low: 0.2, high: 0.5}}"])
     marker = out / "interrupted"
