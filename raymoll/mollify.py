@@ -78,7 +78,7 @@ def blur_smoothing(t: Tensor, power: float = 1.0) -> Tensor:
 # Heat blur in the DCT domain
 
 
-def dct_basis(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _dct_basis(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Orthonormal DCT-II matrix D (n, n), X = D x D^T for an (n, n) image x, and the heat
     eigenvalues l of one axis (n,), in 1/pixels^2: frequency (i, j) decays as
     exp(-(l_i + l_j) tau)."""
@@ -88,7 +88,7 @@ def dct_basis(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor,
     return dct.to(dtype), ((math.pi * k / n) ** 2).to(dtype)
 
 
-_cached_dct_basis = functools.cache(dct_basis)
+_cached_dct_basis = functools.cache(_dct_basis)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -230,7 +230,7 @@ class Mollifier(nn.Module):
         # Dividing by the same running sum makes the last boundary exactly 1, so a zero p_both
         # is never drawn through rounding.
         cumulative = [sum(probs[:i + 1]) / sum(probs) for i in range(3)]
-        dct, eigenvalues = dct_basis(image_size, torch.device("cpu"), torch.float32)
+        dct, eigenvalues = _dct_basis(image_size, torch.device("cpu"), torch.float32)
         # Derived constants, not state: non-persistent buffers follow .to(device) and stay out
         # of checkpoints.
         self.register_buffer("role_bounds", torch.tensor(cumulative), persistent=False)
