@@ -106,12 +106,18 @@ def _check_images(x: Tensor) -> None:
                          f"W={x.shape[-1]}; crop or resize them to a square first.")
 
 
-def _blur(x: Tensor, tau: Tensor, dct: Tensor, eigenvalues: Tensor) -> Tensor:
+def _blur(x: Tensor, tau: Tensor, dct: Tensor, eigenvalues: Tensor,
+          out: Tensor | None = None) -> Tensor:
     """heat_blur given the basis; samples with tau == 0 come back bit for bit.
 
     The decay exp(-(l_i + l_j) tau) factors into one per axis, a = exp(-l tau), so the blur is
     K x K with K = D^T diag(a) D (symmetric, (n, n) per sample, shared by the channels): two
-    matrix products per image instead of the four of DCT, decay, inverse DCT.
+    matrix products per image instead of the four of DCT, decay, inverse DCT. Both are single
+    batched products, with no copy of K per channel, when the image's memory is laid out
+    (N, H, C, W) (row h of every channel together): x K multiplies every (h, c) row, K (x K)
+    every column of the (H, C*W) matrix. The Mollifier gathers its rows in that layout; other
+    layouts are copied into it once. The result has that layout too (x's shape); `out`, if
+    given, receives it instead (it may be x itself).
     """
     # Autocast would run the matmuls in bf16, whose rounding error is larger than the blur at
     # small tau; the basis already has the compute dtype.
@@ -119,13 +125,18 @@ def _blur(x: Tensor, tau: Tensor, dct: Tensor, eigenvalues: Tensor) -> Tensor:
         n, c, s, _ = x.shape
         decay = torch.exp(-eigenvalues * tau.to(dct.dtype)[:, None])  # (N, S)
         kernel = (dct.T * decay[:, None, :]) @ dct  # (N, S, S)
-        # x K as one product per sample over all its channels' rows: (N, C*S, S) @ (N, S, S).
-        right = torch.bmm(x.to(dct.dtype).reshape(n, c * s, s), kernel).view(n, c, s, s)
-        blurred = (kernel[:, None] @ right).to(x.dtype)
-    # Into `blurred` (ours, x's shape and dtype): no second buffer of the batch's size. Autograd
-    # refuses out= arguments, so a differentiated blur gets a new buffer.
-    out = None if x.requires_grad or blurred.requires_grad else blurred
-    return torch.where(tau[:, None, None, None] > 0, blurred, x, out=out)
+        rows = x.to(dct.dtype).permute(0, 2, 1, 3).contiguous()  # (N, H, C, W); free if so laid
+        right = torch.bmm(rows.view(n, s * c, s), kernel)  # x K
+        blurred = torch.bmm(kernel, right.view(n, s, c * s)).view(n, s, c, s).to(x.dtype)
+    if out is None and not (x.requires_grad or blurred.requires_grad):
+        # Into `blurred` (ours, x's dtype): no second buffer of the batch's size. Autograd
+        # refuses out= arguments, so a differentiated blur gets a new buffer.
+        out = blurred
+    elif out is not None:
+        out = out.permute(0, 2, 1, 3)  # compiled graphs take only contiguous out= tensors
+    # In (N, H, C, W) terms throughout: the selection is per sample, whatever the layout.
+    kept = torch.where(tau[:, None, None, None] > 0, blurred, x.permute(0, 2, 1, 3), out=out)
+    return kept.permute(0, 2, 1, 3)
 
 
 def heat_blur(x: Tensor, tau: Tensor) -> Tensor:
@@ -178,10 +189,18 @@ def _log_gamma_pair(a: float, b: float, n: int, generator: torch.Generator | Non
 
 def sample_beta(a: float, b: float, n: int, generator: torch.Generator | None = None,
                 device: torch.device | str | None = None) -> Tensor:
-    """n draws from Beta(a, b), float32 (n,) in [0, 1], reproducible given `generator`."""
+    """n draws from Beta(a, b), float32 (n,) in [0, 1], reproducible given `generator`.
+
+    Where a or b is 1 (the paper's Beta(1, 2) among them) the CDF inverts in closed form, one
+    uniform per draw; otherwise two Gamma draws (_log_gamma_pair).
+    """
     if not (a > 0 and b > 0):
         raise ValueError(f"Beta parameters must be positive, got a={a}, b={b}.")
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if b == 1:  # CDF t^a: t = u^(1/a), u in (0, 1] so that t > 0
+        return torch.exp(torch.log1p(-torch.rand(n, generator=generator, device=device)) / a)
+    if a == 1:  # CDF 1 - (1 - t)^b: t = 1 - u^(1/b), u in [0, 1) so that t > 0
+        return -torch.expm1(torch.log(torch.rand(n, generator=generator, device=device)) / b)
     log_ga, log_gb = _log_gamma_pair(a, b, n, generator, device)
     return torch.sigmoid(log_ga - log_gb)  # G_a / (G_a + G_b)
 
@@ -260,27 +279,28 @@ class Mollifier(nn.Module):
         t = sample_beta(self.cfg.t_alpha, self.cfg.t_beta, n, generator, device)
         return torch.where(role == CLEAN, 0.0, t), role
 
-    def windows(self, n: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """The positions [start, end) of the dealt order holding every blurred row and every
-        noised row of a stratified batch of n: fixed by n (see sample_stratified)."""
+    def windows(self, n: int) -> tuple[int, int, int]:
+        """(blur_end, noise_start, rows_end): in the dealt order of a stratified batch of n,
+        positions [0, blur_end) hold every blurred sample, [noise_start, rows_end) every
+        noised one, and [rows_end, n) only clean ones; fixed by n (see sample_stratified)."""
         b1, b2, b3 = (n * b for b in self.dealt_bounds)
         # Position i holds the role whose run contains i + u, u ~ U[0, 1): a run [lo, hi)
         # can only fill positions floor(lo) .. ceil(hi) - 1.
-        return (0, min(n, math.ceil(b2))), (min(n, math.floor(b1)), min(n, math.ceil(b3)))
+        return min(n, math.ceil(b2)), min(n, math.floor(b1)), min(n, math.ceil(b3))
 
     def sample_stratified(self, n: int, device: torch.device | str,
                           generator: torch.Generator | None = None
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Stratified roles: returns (t, role, blur_rows, noise_rows).
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+        """Stratified roles: returns (t, role, rows).
 
         Systematic sampling deals the roles to n positions: position i gets the role whose
         share of [0, n) (in the order blur, both, noise, clean) contains i + u, one u ~ U[0, 1)
         per batch, so role r gets floor or ceil of n p_r positions, n p_r on average. A random
         permutation then maps positions to samples: each sample has role r with probability
-        exactly p_r, as with iid draws, but the batch's counts no longer vary. blur_rows and
-        noise_rows (int64, lengths fixed by n) are the samples at the `windows` positions: a
-        superset of the blurred and the noised samples (the others there get no-op
-        coefficients).
+        exactly p_r, as with iid draws, but the batch's counts no longer vary. rows (int64, of
+        length rows_end, fixed by n) are the samples at positions [0, rows_end) in dealt order:
+        rows[:blur_end] a superset of the blurred samples, rows[noise_start:] of the noised
+        ones (`windows`; the others there get no-op coefficients).
         """
         u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
         position = torch.arange(n, device=device, dtype=torch.float64) + u
@@ -289,8 +309,7 @@ class Mollifier(nn.Module):
         role = torch.empty(n, dtype=torch.int64, device=device)
         role[order] = self.dealt_roles.to(device)[dealt]
         t = sample_beta(self.cfg.t_alpha, self.cfg.t_beta, n, generator, device)
-        (b0, b1), (n0, n1) = self.windows(n)
-        return torch.where(role == CLEAN, 0.0, t), role, order[b0:b1], order[n0:n1]
+        return torch.where(role == CLEAN, 0.0, t), role, order[:self.windows(n)[2]]
 
     def _coefficients(self, t: Tensor, role: Tensor, dtype: torch.dtype
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -318,10 +337,11 @@ class Mollifier(nn.Module):
         return _soft_labels(y, n, self.num_classes)
 
     def _finish(self, x: Tensor, x_t: Tensor, y: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
-        if x.is_contiguous(memory_format=torch.channels_last):
-            # The blur's matrix products return NCHW; give the model back the layout it was fed
-            # (channels_last convolutions are faster, on GPUs and on the CPU alike).
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        # The blur's matrix products leave their own layout; give the model back the one it
+        # was fed (channels_last convolutions are faster, on GPUs and on the CPU alike).
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        x_t = x_t.contiguous(memory_format=torch.channels_last if channels_last
+                             else torch.contiguous_format)
         return x_t, (1 - gamma) * y + gamma / self.num_classes
 
     def apply(self, x: Tensor, y: Tensor, t: Tensor, role: Tensor,
@@ -341,20 +361,27 @@ class Mollifier(nn.Module):
         x_t = alpha * _blur(x, tau, self.dct, self.eigenvalues) + sigma * eps
         return self._finish(x, x_t, y, gamma)
 
-    def apply_rows(self, x: Tensor, y: Tensor, t: Tensor, role: Tensor, blur_rows: Tensor,
-                   noise_rows: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-        """`apply` that blurs only x[blur_rows] and noises only x[noise_rows] with eps
-        (len(noise_rows), C, S, S): the same result as apply(..., eps=E) where E holds eps at
-        noise_rows, provided the rows include every blurred and every noised sample."""
+    def apply_rows(self, x: Tensor, y: Tensor, t: Tensor, role: Tensor, rows: Tensor,
+                   eps: Tensor) -> tuple[Tensor, Tensor]:
+        """`apply` that touches only x[rows], in the dealt order of sample_stratified: it blurs
+        rows[:blur_end] and noises rows[noise_start:] with eps (len(rows) - noise_start, C, S,
+        S) (`windows`). The same result as apply(..., eps=E) where E holds eps at
+        rows[noise_start:], provided the windows hold every blurred and every noised sample."""
         y = self._checked(x, y, t, role)
         tau, alpha, sigma, gamma = self._coefficients(t, role, x.dtype)
-        blurred = _blur(x.index_select(0, blur_rows), tau.index_select(0, blur_rows),
-                        self.dct, self.eigenvalues)
-        x_t = x.index_copy(0, blur_rows, blurred)
-        # In place on the gathered rows (a copy of ours): no temporaries of the rows' size.
-        noised = x_t.index_select(0, noise_rows).mul_(alpha.index_select(0, noise_rows))
+        blur_end, noise_start, _ = self.windows(len(x))
+        # The rows, gathered once (a copy of ours) and laid out (R, H, C, W) as the blur's
+        # products want them; both windows are slices of it, and everything happens in place.
+        work = x.permute(0, 2, 1, 3).index_select(0, rows).permute(0, 2, 1, 3)
+        blurred = work[:blur_end]
+        _blur(blurred, tau.index_select(0, rows[:blur_end]), self.dct, self.eigenvalues,
+              out=blurred)
+        noised, noise_rows = work[noise_start:], rows[noise_start:]
+        noised.mul_(alpha.index_select(0, noise_rows))
         noised.addcmul_(sigma.index_select(0, noise_rows), eps)
-        return self._finish(x, x_t.index_copy_(0, noise_rows, noised), y, gamma)
+        x_t = torch.empty_like(x)  # x's layout: channels_last stays channels_last
+        x_t.copy_(x).permute(0, 2, 1, 3).index_copy_(0, rows, work.permute(0, 2, 1, 3))
+        return self._finish(x, x_t, y, gamma)
 
     def forward(self, x: Tensor, y: Tensor,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -366,10 +393,11 @@ class Mollifier(nn.Module):
         if self.cfg.role_sampling == "iid":
             t, role = self.sample(x.shape[0], x.device, generator)
             return self.apply(x, y, t, role, generator)
-        t, role, blur_rows, noise_rows = self.sample_stratified(x.shape[0], x.device, generator)
-        eps = torch.randn((len(noise_rows), *x.shape[1:]), generator=generator,
+        t, role, rows = self.sample_stratified(x.shape[0], x.device, generator)
+        noise_start = self.windows(x.shape[0])[1]
+        eps = torch.randn((len(rows) - noise_start, *x.shape[1:]), generator=generator,
                           device=x.device, dtype=x.dtype)
-        return self.apply_rows(x, y, t, role, blur_rows, noise_rows, eps)
+        return self.apply_rows(x, y, t, role, rows, eps)
 
     def _check_batch(self, x: Tensor) -> None:
         _check_images(x)
