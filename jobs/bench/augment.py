@@ -1,9 +1,11 @@
 """Augmentation policies: raymoll's batched BatchAugment against torchvision v2 per image.
 
 For each policy, images per second of BatchAugment(policy) on a uint8 batch and of the
-torchvision transform applied image by image (what BatchAugment did before). The two alternate
-in rounds, so load from other processes hits both alike; the median of the paired per-round
-ratios is the speed-up. One RESULT line per policy.
+torchvision transform applied image by image (what BatchAugment did before). A timing is
+--calls consecutive calls of one side, as a training loop makes them (a single batched call
+is a few milliseconds, which one scheduler hiccup doubles). The two sides alternate in rounds,
+so load from other processes hits both alike; the median of the paired per-round ratios is
+the speed-up. One RESULT line per policy.
 
     PYTHONPATH=. python jobs/bench/augment.py --device cpu --batch 256 --size 32 --rounds 7
 Targets (CPU, batch 256, 32 px): >= 10x for TrivialAugment and RandAugment, >= 5x for AugMix.
@@ -33,12 +35,14 @@ def torchvision_policy(name: str, size: int) -> v2.Transform:
             "augmix": v2.AugMix}[name]()
 
 
-def seconds(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+def seconds(fn: Callable[[], torch.Tensor], device: torch.device, calls: int) -> float:
+    """Seconds per call of `fn`, over `calls` consecutive calls (queued GPU work included)."""
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--size", type=int, default=32, help="image width = height (pixels)")
     parser.add_argument("--rounds", type=int, default=7, help="alternating timings of each")
+    parser.add_argument("--calls", type=int, default=5, help="consecutive calls per timing")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--policies", nargs="+", default=["trivialaugment", "randaugment",
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8,
                       device=device)
     print(f"batch {args.batch}, {args.size} px, {device.type}, {args.threads} threads, "
-          f"{args.rounds} rounds")
+          f"{args.rounds} rounds x {args.calls} calls")
     for name in args.policies:
         batched = BatchAugment(name, torch.Generator(device).manual_seed(0))
         reference = torchvision_policy(name, args.size)
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         times = {v: [] for v in variants}
         for r in range(args.rounds):
             for v in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-                times[v].append(seconds(variants[v], device))
+                times[v].append(seconds(variants[v], device, args.calls))
         per_round = [p / b for b, p in zip(times["batched"], times["per image"])]
         ratio = statistics.median(per_round)
         rates = {v: args.batch / statistics.median(t) for v, t in times.items()}
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                       ratio >= target if target and device.type == "cpu" else None,
                       device_name(device),
                       f"batched {rates['batched']:.0f} img/s vs {rates['per image']:.0f} img/s; "
-                      f"median of {args.rounds} paired rounds, per round "
+                      f"median of {args.rounds} paired rounds x {args.calls} calls, per round "
                       f"{min(per_round):.1f}..{max(per_round):.1f}x; {args.threads} threads")
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoll.data.policies import POLICIES
+from raymoll.data.policies import POLICIES, to_uint8
 from raymoll.errors import RaymollError
 
 AUGMENTS = ("none", "fcr", "trivialaugment", "randaugment", "autoaugment", "augmix")
@@ -45,7 +45,7 @@ def flip_crop_rotate(x: torch.Tensor, pad: int = 4, max_degrees: float = 15.0,
     grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
     source = x if x.is_floating_point() else x.float()
     out = F.grid_sample(source, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out.to(x.dtype)
+    return to_uint8(out) if x.dtype == torch.uint8 else out.to(x.dtype)
 
 
 class BatchAugment(nn.Module):

@@ -141,6 +141,15 @@ def _affine_theta(op: torch.Tensor, m: torch.Tensor, h: int, w: int) -> torch.Te
     return torch.stack([d, -b, m2, -c, a, m5], 1).view(-1, 2, 3).float()
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images holding values in [0, 256) -> uint8, truncated as `.to(torch.uint8)` does.
+
+    Through int32: PyTorch's direct float -> uint8 cast has no vectorised CPU kernel and costs
+    twice the two casts (both exact here: every value fits either type).
+    """
+    return x.to(torch.int32).to(torch.uint8)
+
+
 def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
     """torchvision's _affine_grid + _apply_grid_transform (zeros outside), batched over theta.
 
@@ -160,20 +169,22 @@ def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
     out = F.grid_sample(x.float(), grid.permute(0, 2, 3, 1), mode=mode, padding_mode="zeros",
                         align_corners=False)
     # Nearest copies grey levels (or the zero fill): only bilinear values need rounding.
-    return (out if mode == "nearest" else out.round_()).to(torch.uint8)
+    return to_uint8(out if mode == "nearest" else out.round_())
 
 
 def _blend(x: torch.Tensor, degenerate: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """torchvision's _blend with a per-sample ratio (N,1,1,1) float64: truncated to uint8.
-    Like torchvision's Python-float scalars, ratio and 1 - ratio are rounded to float32
-    separately, so the result is the same to the grey level."""
-    out = (x * ratio.float()).addcmul_(degenerate, (1.0 - ratio).float())
-    return out.clamp_(0, 255).to(torch.uint8)
+    """torchvision's _blend of uint8 images, given as float x (overwritten), with a per-sample
+    ratio (N,1,1,1) float64: truncated to uint8. Like torchvision's Python-float scalars, ratio
+    and 1 - ratio are rounded to float32 separately, so the result is the same to the grey
+    level."""
+    out = x.mul_(ratio.float()).addcmul_(degenerate, (1.0 - ratio).float())
+    return to_uint8(out.clamp_(0, 255))
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's _rgb_to_grayscale_image (float, floored for uint8 input): (N,1,H,W)."""
-    r, g, b = x.float().unbind(-3)
+    """torchvision's _rgb_to_grayscale_image of uint8 images, given as float x (floored):
+    (N,1,H,W)."""
+    r, g, b = x.unbind(-3)
     return (r * 0.2989 + g * 0.587 + b * 0.114).unsqueeze(-3).floor_()
 
 
@@ -191,7 +202,7 @@ def _sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     k = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).add_(view, alpha=4.0)
     blurred = k.div_(13.0).round_()
     view.addcmul_(blurred.sub_(view), (1.0 - factor).float())
-    return out.clamp_(0, 255).to(torch.uint8)
+    return to_uint8(out.clamp_(0, 255))
 
 
 def _geometric(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
@@ -201,6 +212,7 @@ def _geometric(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) ->
 def _blends(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
     """Brightness: a blend with black; Color: with the grey image; Contrast: with its mean."""
     n = len(x)
+    x = x.float()  # converted once for the grey image and the blend
     grey = _grey(x)
     # grey * 1 + mean * 0 (and the like) is exact: cheaper than a where over the pixels.
     is_color = (op == OP["Color"]).float().view(n, 1, 1, 1)
@@ -220,9 +232,14 @@ def _posterize_solarize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor,
     x = x & (((1 << bits) - 1) << (8 - bits)).to(torch.uint8).view(n, 1, 1, 1)
     # Invert is solarize at threshold 0; 256 (no pixel reaches it) leaves a sample unchanged.
     threshold = torch.where(op == OP["Solarize"], 255.0 * m,
-                            torch.where(op == OP["Invert"], 0.0, 256.0)).float().view(n, 1, 1, 1)
+                            torch.where(op == OP["Invert"], 0.0, 256.0)).float()
+    # torchvision compares the pixels with the float32 threshold; for whole numbers that is
+    # x >= ceil(threshold), a uint8 comparison (a float one converts every pixel). A threshold
+    # above 255 flips nothing: its flip mask is 0.
+    lowest = threshold.ceil().clamp_(max=255).to(torch.uint8).view(n, 1, 1, 1)
+    flip = torch.where(threshold <= 255, 255, 0).to(torch.uint8).view(n, 1, 1, 1)
     # Flipping every bit of the pixels at or above it (x ^ 255 = 255 - x) without a where.
-    return x ^ (x >= threshold).to(torch.uint8).mul_(255)
+    return x ^ (x >= lowest).to(torch.uint8).mul_(flip)
 
 
 def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
@@ -231,14 +248,18 @@ def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str)
 
 def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
     """torchvision's equalize_image (PIL's LUT per channel, left as is where it is flat), with
-    all histograms counted by one index_add_ (unlike bincount, no host sync on CUDA) and the
-    LUTs applied by one lookup, both on int32 indices (torchvision's need int64)."""
+    all histograms counted at once (one bincount on the CPU, twice as fast as index_add_; one
+    index_add_ elsewhere, which needs no host sync) and the LUTs applied by one lookup, both on
+    int32 indices (torchvision's need int64)."""
     n, c, h, w = x.shape
     rows = n * c
     offsets = torch.arange(0, rows * 256, 256, dtype=torch.int32, device=x.device)
     index = (x.reshape(rows, h * w).int() + offsets.view(rows, 1)).view(-1)
-    hist = torch.zeros(rows * 256, dtype=torch.int32, device=x.device)
-    hist = hist.index_add_(0, index, hist.new_ones(1).expand(len(index))).view(rows, 256)
+    if x.device.type == "cpu":  # bincount reads the largest index first: a host sync on CUDA
+        hist = torch.bincount(index, minlength=rows * 256).view(rows, 256)
+    else:
+        hist = torch.zeros(rows * 256, dtype=torch.int32, device=x.device)
+        hist = hist.index_add_(0, index, hist.new_ones(1).expand(len(index))).view(rows, 256)
     cum = hist.cumsum(-1)
     step = (h * w - hist.gather(-1, cum.argmax(-1, keepdim=True))).div_(255, rounding_mode="floor")
     lut = (cum[:, :-1] + step // 2).div_(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
@@ -392,7 +413,7 @@ def augmix(x: torch.Tensor, g: torch.Generator | None = None, severity: int = 3,
     for i, chain in enumerate(aug.split(n)):
         # torchvision's mix.add_(weight * aug), same roundings (an addcmul_ would fuse them)
         mix.add_(torch.mul(weights[:, i].view(n, 1, 1, 1), chain, out=weighted))
-    return mix.to(torch.uint8)
+    return to_uint8(mix)
 
 
 POLICIES = {"trivialaugment": trivial_augment, "randaugment": rand_augment,
