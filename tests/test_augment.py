@@ -99,7 +99,7 @@ def test_op_and_magnitude_frequencies_are_uniform(space, bins):
     n = 60_000
     table = P._table(space, bins, 32, 32, torch.device("cpu"))
     drawn_bins = torch.randint(bins, (n,), generator=g)
-    op, magnitude = P._pick(table, n, drawn_bins, g)
+    op, magnitude, theta = P._pick(table, n, drawn_bins, g)
     counts = torch.bincount(op, minlength=len(P.OPS))[[P.OP[name] for name in P._SPACES[space]]]
     assert counts.sum() == n
     assert stats.chisquare(counts.numpy()).pvalue > 1e-3
@@ -112,6 +112,8 @@ def test_op_and_magnitude_frequencies_are_uniform(space, bins):
     row = {P.OP[name]: i for i, name in enumerate(P._SPACES[space])}
     expected = table[1][[row[o] for o in op.tolist()], drawn_bins]
     torch.testing.assert_close(magnitude.abs(), expected.abs(), rtol=0, atol=0)
+    # The looked-up affine matrices are the drawn (op, signed magnitude)'s.
+    torch.testing.assert_close(theta, P._affine_theta(op, magnitude, 32, 32), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("policy", ["cifar10", "imagenet"])
@@ -120,7 +122,8 @@ def test_autoaugment_op_frequencies_follow_the_policy(policy):
     g = torch.Generator().manual_seed(1)
     n = 60_000
     subs = P.AUTOAUGMENT_POLICIES[policy]
-    for slot, (op, _) in enumerate(P.autoaugment_draw(n, 32, 32, torch.device("cpu"), g, policy)):
+    for slot, (op, _, _) in enumerate(P.autoaugment_draw(n, 32, 32, torch.device("cpu"), g,
+                                                         policy)):
         expected = torch.zeros(len(P.OPS), dtype=torch.float64)
         for sub in subs:
             name, p, _ = sub[slot]

@@ -102,19 +102,29 @@ AUTOAUGMENT_POLICIES = {
 @functools.lru_cache(maxsize=None)
 def _table(space: str, bins: int, h: int, w: int,
            device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(op ids (K,), magnitudes (K, bins) float64, signed (K,) bool) of a policy's op space
-    (a name in _SPACES); built once per size and device (callers only read it)."""
+    """(op ids (K,), magnitudes (K, bins) float64, signed (K,) bool, affine matrices (2, K,
+    bins, 2, 3) float32 of each magnitude and of its negative) of a policy's op space (a name
+    in _SPACES); built once per size and device (callers only read it). The matrices are
+    _affine_theta's, looked up per sample instead of some 50 small ops per call."""
     space = _SPACES[space]
     ops = torch.tensor([OP[name] for name in space], device=device)
     mags = torch.stack([fn(bins, h, w) for fn in space.values()]).to(device)
     signed = torch.tensor([name in SIGNED for name in space], device=device)
-    return ops, mags, signed
+    every_op = ops[:, None].expand(len(ops), bins).reshape(-1)
+    thetas = torch.stack([_affine_theta(every_op, sign * mags.view(-1), h, w)
+                          for sign in (1.0, -1.0)]).view(2, len(ops), bins, 2, 3)
+    return ops, mags, signed, thetas
 
 
-def _signed(magnitude: torch.Tensor, signed: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    """Negate each signed magnitude with probability 1/2 (torchvision: rand() <= 0.5)."""
-    flip = signed & (torch.rand(magnitude.shape, device=magnitude.device, generator=g) <= 0.5)
-    return torch.where(flip, -magnitude, magnitude)
+def _signed(table: tuple[torch.Tensor, ...], row: torch.Tensor, bins: torch.Tensor,
+            g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The magnitude (N,) float64 and affine matrix (N, 2, 3) of table row `row` at bin `bins`
+    per sample, negated with probability 1/2 where the op is signed (torchvision: rand() <=
+    0.5)."""
+    _, mags, signed, thetas = table
+    flip = signed[row] & (torch.rand(row.shape, device=row.device, generator=g) <= 0.5)
+    magnitude = mags[row, bins]
+    return torch.where(flip, -magnitude, magnitude), thetas[flip.long(), row, bins]
 
 
 def _affine_theta(op: torch.Tensor, m: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -205,11 +215,13 @@ def _sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return to_uint8(out.clamp_(0, 255))
 
 
-def _geometric(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
-    return _warp(x, _affine_theta(op, m, *x.shape[-2:]), mode)
+def _geometric(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, theta: torch.Tensor,
+               mode: str) -> torch.Tensor:
+    return _warp(x, theta, mode)
 
 
-def _blends(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+def _blends(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, theta: torch.Tensor,
+            mode: str) -> torch.Tensor:
     """Brightness: a blend with black; Color: with the grey image; Contrast: with its mean."""
     n = len(x)
     x = x.float()  # converted once for the grey image and the blend
@@ -221,12 +233,13 @@ def _blends(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> to
     return _blend(x, degenerate, (1.0 + m).view(n, 1, 1, 1))
 
 
-def _sharpness(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+def _sharpness(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, theta: torch.Tensor,
+               mode: str) -> torch.Tensor:
     return _sharpen(x, (1.0 + m).view(-1, 1, 1, 1))
 
 
 def _posterize_solarize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor,
-                        mode: str) -> torch.Tensor:
+                        theta: torch.Tensor, mode: str) -> torch.Tensor:
     n = len(x)
     bits = torch.where(op == OP["Posterize"], m, 8.0).long()
     x = x & (((1 << bits) - 1) << (8 - bits)).to(torch.uint8).view(n, 1, 1, 1)
@@ -242,11 +255,13 @@ def _posterize_solarize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor,
     return x ^ (x >= lowest).to(torch.uint8).mul_(flip)
 
 
-def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+def _autocontrast(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, theta: torch.Tensor,
+                  mode: str) -> torch.Tensor:
     return TF.autocontrast(x)
 
 
-def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> torch.Tensor:
+def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, theta: torch.Tensor,
+              mode: str) -> torch.Tensor:
     """torchvision's equalize_image (PIL's LUT per channel, left as is where it is flat), with
     all histograms counted at once (one bincount on the CPU, twice as fast as index_add_; one
     index_add_ elsewhere, which needs no host sync) and the LUTs applied by one lookup, both on
@@ -268,8 +283,9 @@ def _equalize(x: torch.Tensor, op: torch.Tensor, m: torch.Tensor, mode: str) -> 
     return lut.view(-1).index_select(0, index).view_as(x)
 
 
-# The stages: (the ops a stage implements, its kernel). A kernel gets (x, op, m, interpolation)
-# and returns the result for rows whose op is one of its ops (other rows' results are not used).
+# The stages: (the ops a stage implements, its kernel). A kernel gets (x, op, m, theta,
+# interpolation), theta the rows' affine matrices (read by the geometric stage alone), and
+# returns the result for rows whose op is one of its ops (other rows' results are not used).
 _STAGES = ((("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"), _geometric),
            (("Brightness", "Color", "Contrast"), _blends), (("Sharpness",), _sharpness),
            (("Posterize", "Solarize", "Invert"), _posterize_solarize),
@@ -285,40 +301,49 @@ def _stage_of(device: torch.device) -> torch.Tensor:
 
 
 def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor,
-              interpolation: str = "nearest", grouped: bool | None = None) -> torch.Tensor:
+              interpolation: str = "nearest", grouped: bool | None = None,
+              theta: torch.Tensor | None = None) -> torch.Tensor:
     """Apply op[i] (an index into OPS) at magnitude[i] (torchvision's signed magnitude) to x[i].
 
     x: (N,C,H,W) uint8; op: (N,) int64; magnitude: (N,) float64, on x's device. Returns uint8.
+    theta: the rows' inverse affine matrices (N,2,3) float32 where the caller has them (the
+    policies look them up in their tables); computed from op and magnitude otherwise.
     grouped (default: on the CPU): the rows are sorted by stage and each stage runs on its
     slice only (the group sizes are a host read, which costs nothing on the CPU). Otherwise
     every stage runs on every row and a `where` keeps each row's own stage, so no shape depends
     on the draw and nothing waits for the device.
     """
     m = magnitude.to(torch.float64)
+    if theta is None:
+        theta = _affine_theta(op, m, *x.shape[-2:])
     stage = _stage_of(op.device)[op]
     if grouped is None:
         grouped = x.device.type == "cpu"
     if not grouped:
         for s, (_, kernel) in enumerate(_STAGES):
-            x = torch.where((stage == s).view(-1, 1, 1, 1), kernel(x, op, m, interpolation), x)
+            x = torch.where((stage == s).view(-1, 1, 1, 1), kernel(x, op, m, theta, interpolation),
+                            x)
         return x
     # Sorted by stage and back by index_select: on the CPU far cheaper than an index_copy_.
     order = torch.argsort(stage, stable=True)
     counts = torch.bincount(stage + 1, minlength=len(_STAGES) + 1).tolist()
     parts = []
-    for s, x_s, op_s, m_s in zip(range(-1, len(_STAGES)), x.index_select(0, order).split(counts),
-                                 op[order].split(counts), m[order].split(counts)):
+    for s, x_s, op_s, m_s, theta_s in zip(range(-1, len(_STAGES)),
+                                          x.index_select(0, order).split(counts),
+                                          op[order].split(counts), m[order].split(counts),
+                                          theta[order].split(counts)):
         if len(x_s):
-            parts.append(x_s if s < 0 else _STAGES[s][1](x_s, op_s, m_s, interpolation))
+            parts.append(x_s if s < 0 else _STAGES[s][1](x_s, op_s, m_s, theta_s, interpolation))
     return torch.cat(parts).index_select(0, torch.argsort(order))
 
 
 def _pick(table: tuple[torch.Tensor, ...], n: int, bins: torch.Tensor,
-          g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uniformly drawn op of the table per sample, at magnitude bin `bins` (N,), signed."""
-    ops, mags, signed = table
+          g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A uniformly drawn op of the table per sample, at magnitude bin `bins` (N,), signed:
+    (op, magnitude, theta) as apply_ops takes them."""
+    ops = table[0]
     k = torch.randint(len(ops), (n,), device=ops.device, generator=g)
-    return ops[k], _signed(mags[k, bins], signed[k], g)
+    return ops[k], *_signed(table, k, bins, g)
 
 
 def trivial_augment(x: torch.Tensor, g: torch.Generator | None = None,
@@ -327,7 +352,8 @@ def trivial_augment(x: torch.Tensor, g: torch.Generator | None = None,
     n, _, h, w = x.shape
     table = _table("trivialaugment", num_magnitude_bins, h, w, x.device)
     bins = torch.randint(num_magnitude_bins, (n,), device=x.device, generator=g)
-    return apply_ops(x, *_pick(table, n, bins, g))
+    op, magnitude, theta = _pick(table, n, bins, g)
+    return apply_ops(x, op, magnitude, theta=theta)
 
 
 def rand_augment(x: torch.Tensor, g: torch.Generator | None = None, num_ops: int = 2,
@@ -337,7 +363,8 @@ def rand_augment(x: torch.Tensor, g: torch.Generator | None = None, num_ops: int
     table = _table("randaugment", num_magnitude_bins, h, w, x.device)
     bins = torch.full((n,), magnitude, device=x.device)
     for _ in range(num_ops):
-        x = apply_ops(x, *_pick(table, n, bins, g))
+        op, magnitude, theta = _pick(table, n, bins, g)
+        x = apply_ops(x, op, magnitude, theta=theta)
     return x
 
 
@@ -353,18 +380,20 @@ def _sub_policies(policy: str, device: torch.device) -> tuple[torch.Tensor, ...]
 
 
 def autoaugment_draw(n: int, h: int, w: int, device: torch.device, g: torch.Generator | None,
-                     policy: str = "cifar10") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     policy: str = "cifar10") -> list[tuple[torch.Tensor, ...]]:
     """AutoAugment's draw per sample: a uniform sub-policy of `policy`, each of its two ops
-    kept with its probability (else Identity). Returns [(op (N,), magnitude (N,))] per slot."""
-    ops, mags, signed = _table("autoaugment", 10, h, w, device)
+    kept with its probability (else Identity). Returns [(op (N,), magnitude (N,), theta
+    (N,2,3))] per slot, as apply_ops takes them."""
+    table = _table("autoaugment", 10, h, w, device)
+    ops = table[0]
     sub_op, sub_p, sub_bin = _sub_policies(policy, device)
     k = torch.randint(len(sub_op), (n,), device=device, generator=g)
     slots = []
     for slot in range(2):
         r = sub_op[k, slot]
         applied = torch.rand(n, device=device, generator=g) <= sub_p[k, slot]
-        magnitude = _signed(mags[r, sub_bin[k, slot]], signed[r], g)
-        slots.append((torch.where(applied, ops[r], OP["Identity"]), magnitude))
+        magnitude, theta = _signed(table, r, sub_bin[k, slot], g)
+        slots.append((torch.where(applied, ops[r], OP["Identity"]), magnitude, theta))
     return slots
 
 
@@ -372,8 +401,8 @@ def auto_augment(x: torch.Tensor, g: torch.Generator | None = None,
                  policy: str = "cifar10") -> torch.Tensor:
     """AutoAugment per sample with `policy` ("cifar10" | "imagenet"). uint8 (N,C,H,W)."""
     n, _, h, w = x.shape
-    for op, magnitude in autoaugment_draw(n, h, w, x.device, g, policy):
-        x = apply_ops(x, op, magnitude)
+    for op, magnitude, theta in autoaugment_draw(n, h, w, x.device, g, policy):
+        x = apply_ops(x, op, magnitude, theta=theta)
     return x
 
 
@@ -405,9 +434,9 @@ def augmix(x: torch.Tensor, g: torch.Generator | None = None, severity: int = 3,
     aug = x.repeat(mixture_width, 1, 1, 1)
     for step in range(chain_depth if chain_depth > 0 else 3):
         bins = torch.randint(severity, (rows,), device=dev, generator=g)
-        op, magnitude = _pick(table, rows, bins, g)
+        op, magnitude, theta = _pick(table, rows, bins, g)
         aug = apply_ops(aug, torch.where(step < depth, op, OP["Identity"]), magnitude,
-                        interpolation="bilinear")
+                        interpolation="bilinear", theta=theta)
     mix = m0.view(n, 1, 1, 1) * x
     weighted = torch.empty_like(mix)  # one buffer for the chains' weight * image
     for i, chain in enumerate(aug.split(n)):
