@@ -143,8 +143,9 @@ def heat_blur(x: Tensor, tau: Tensor) -> Tensor:
     """Heat-equation blur: IDCT(exp(-Lambda tau) * DCT(x)) per channel (docs/method.md §5).
 
     x: (N, C, H, W) float with H == W; tau: (N,) >= 0, the diffusion time (sigma_B^2 / 2, in
-    pixels^2). Returns x's shape and dtype; each channel keeps its mean; tau == 0 returns x.
-    Runs in float32 (float64 for float64 input) even under autocast.
+    pixels^2). Returns x's shape and dtype, its memory laid out (N, H, C, W) as the blur's
+    products leave it (`.contiguous()` gives NCHW); each channel keeps its mean; tau == 0
+    returns x. Runs in float32 (float64 for float64 input) even under autocast.
     """
     _check_images(x)
     if tau.shape != x.shape[:1]:

@@ -15,7 +15,7 @@ MAGNITUDES = {
     "TranslateX": [9.6, -3.0, 32.0], "TranslateY": [5.5, -14.2],
     "Rotate": [30.0, -135.0, 90.0, -90.0, 180.0, 4.5], "Brightness": [0.5, -0.9, 0.33],
     "Color": [0.9, -0.5], "Contrast": [0.7, -0.66], "Sharpness": [0.9, -0.99, 0.3],
-    "Posterize": [4, 2, 7], "Solarize": [0.5, 0.0, 1.0, 0.3], "AutoContrast": [0.0],
+    "Posterize": [4, 2, 7], "Solarize": [0.5, 0.0, 1.0, 0.3, 0.6, 0.2], "AutoContrast": [0.0],
     "Equalize": [0.0], "Invert": [0.0]}
 CASES = [(name, m) for name, ms in MAGNITUDES.items() for m in ms]
 
