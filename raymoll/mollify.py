@@ -128,15 +128,16 @@ def _blur(x: Tensor, tau: Tensor, dct: Tensor, eigenvalues: Tensor,
         rows = x.to(dct.dtype).permute(0, 2, 1, 3).contiguous()  # (N, H, C, W); free if so laid
         right = torch.bmm(rows.view(n, s * c, s), kernel)  # x K
         blurred = torch.bmm(kernel, right.view(n, s, c * s)).view(n, s, c, s).to(x.dtype)
-    if out is None and not (x.requires_grad or blurred.requires_grad):
-        # Into `blurred` (ours, x's dtype): no second buffer of the batch's size. Autograd
-        # refuses out= arguments, so a differentiated blur gets a new buffer.
-        out = blurred
-    elif out is not None:
-        out = out.permute(0, 2, 1, 3)  # compiled graphs take only contiguous out= tensors
     # In (N, H, C, W) terms throughout: the selection is per sample, whatever the layout.
-    kept = torch.where(tau[:, None, None, None] > 0, blurred, x.permute(0, 2, 1, 3), out=out)
-    return kept.permute(0, 2, 1, 3)
+    blurred_rows, x_rows = tau[:, None, None, None] > 0, x.permute(0, 2, 1, 3)
+    if x.requires_grad or blurred.requires_grad:
+        # Autograd refuses out= arguments: a differentiated blur gets a new buffer.
+        kept = torch.where(blurred_rows, blurred, x_rows).permute(0, 2, 1, 3)
+        return kept if out is None else out.copy_(kept)
+    # Into `blurred` (ours, x's dtype) unless told otherwise: no second buffer of the batch's
+    # size. Compiled graphs take only contiguous out= tensors, hence out's (N, H, C, W) view.
+    target = blurred if out is None else out.permute(0, 2, 1, 3)
+    return torch.where(blurred_rows, blurred, x_rows, out=target).permute(0, 2, 1, 3)
 
 
 def heat_blur(x: Tensor, tau: Tensor) -> Tensor:
@@ -380,8 +381,8 @@ class Mollifier(nn.Module):
         noised, noise_rows = work[noise_start:], rows[noise_start:]
         noised.mul_(alpha.index_select(0, noise_rows))
         noised.addcmul_(sigma.index_select(0, noise_rows), eps)
-        x_t = torch.empty_like(x)  # x's layout: channels_last stays channels_last
-        x_t.copy_(x).permute(0, 2, 1, 3).index_copy_(0, rows, work.permute(0, 2, 1, 3))
+        x_t = x.clone()  # x's layout: channels_last stays channels_last
+        x_t.permute(0, 2, 1, 3).index_copy_(0, rows, work.permute(0, 2, 1, 3))
         return self._finish(x, x_t, y, gamma)
 
     def forward(self, x: Tensor, y: Tensor,
